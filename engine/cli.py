@@ -1,0 +1,465 @@
+"""``tunedeck``: every action as a CLI verb, XTuner's names where it has one.
+
+Errors a user can cause print one line each and exit 2; nothing here prints a traceback
+for them. Heavy imports (torch, transformers) happen inside the verbs that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe field (repeatable), e.g. --set lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tunedeck", description="Fine-tune language models from the terminal.")
+    sub = ap.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("list-cfg", help="list built-in recipes")
+    p.add_argument("-p", "--pattern", help="only names matching PATTERN")
+
+    p = sub.add_parser("copy-cfg", help="copy a built-in recipe to DIR/NAME_copy.yaml")
+    p.add_argument("name")
+    p.add_argument("dir")
+    p.add_argument("--as", dest="new_name", help="file name (without .yaml) instead of NAME_copy")
+
+    p = sub.add_parser("data", help="make or check datasets")
+    dsub = p.add_subparsers(dest="data_verb", metavar="ACTION")
+    d = dsub.add_parser("identity", help="the seed's identity dataset (generate_data.py)")
+    d.add_argument("--name", required=True, help="whose assistant the model is")
+    d.add_argument("--n", type=int, default=10000, help="repetitions (n+1 records are written)")
+    d.add_argument("--answer", default=None, help="the answer, with {name} where the name goes")
+    d.add_argument("--varied", action="store_true", help="vary the question (Chinese and English phrasings)")
+    d.add_argument("-o", "--output", required=True, help=".json (list, as the seed) or .jsonl")
+    d.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    d = dsub.add_parser("check", help="record count, token lengths, truncation, the first sample masked")
+    d.add_argument("config")
+    _add_set(d)
+
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("config", help="a recipe file or a built-in recipe name")
+    p.add_argument("--work-dir", help="run directory (default: work_dirs/<config name>, numbered if taken)")
+    _add_set(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue the latest run (or a given checkpoint/run directory) at its exact step")
+    p.add_argument("--deepspeed", help="zero1 | zero2 | zero3 | zero2_offload | zero3_offload")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to train on (data parallel, via torchrun)")
+    p.add_argument("--detach", action="store_true", help="run in the background; print the run directory")
+
+    p = sub.add_parser("runs", help="list runs with state and progress")
+    p.add_argument("--root", default="work_dirs")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("stop", help="save a checkpoint and stop a running training")
+    p.add_argument("run", help="run directory (or its name under --root)")
+    p.add_argument("--root", default="work_dirs")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the checkpoint")
+
+    p = sub.add_parser("chat", help="chat with a model, optionally with an adapter")
+    p.add_argument("model")
+    p.add_argument("--adapter", help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--template", help="prompt template (default: what the run used, else auto)")
+    p.add_argument("--system", help="system prompt (default: what the run used)")
+    p.add_argument("--bits", type=int, choices=(4, 8), help="load the base in 4 or 8 bits")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model")
+    p.add_argument("base")
+    p.add_argument("adapter", help="checkpoint or run directory")
+    p.add_argument("out")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--max-shard-size", default="2GB")
+
+    p = sub.add_parser("tree", help="print a directory tree with sizes (follows symlinks)")
+    p.add_argument("dir")
+
+    p = sub.add_parser("demo", help="build the tiny demo workspace and fine-tune it on the CPU")
+    p.add_argument("--dir", default="workspace")
+    p.add_argument("--name", default="tunedeck")
+    p.add_argument("--no-tui", action="store_true", help="print the before/after answers and exit")
+
+    p = sub.add_parser("_worker", help=argparse.SUPPRESS)   # the detached / torchrun training process
+    p.add_argument("run_dir")
+    p.add_argument("--resume-from")
+    p.add_argument("--gpus", type=int, default=1)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.verb:
+        ap.print_help()
+        return 0
+    try:
+        handler = VERBS[args.verb]
+        if args.verb == "data" and not args.data_verb:
+            raise UserError("data: choose an action: identity or check")
+        return handler(args) or 0
+    except UserError as e:
+        for line in e.problems or [str(e)]:
+            print(f"error: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+# ----------------------------------------------------------------------------- catalogue
+
+
+def cmd_list_cfg(args) -> int:
+    from .catalogue import list_cfg
+
+    for e in list_cfg(args.pattern):
+        print(e.name)
+    return 0
+
+
+def cmd_copy_cfg(args) -> int:
+    from .catalogue import copy_cfg
+
+    print(f"Copy to {copy_cfg(args.name, args.dir, args.new_name)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cmd_data(args) -> int:
+    if args.data_verb == "identity":
+        from .identity import DEFAULT_ANSWER, identity_records, write_identity
+
+        recs = identity_records(args.name, args.n, args.answer or DEFAULT_ANSWER, args.varied)
+        out = write_identity(args.output, recs, overwrite=args.force)
+        print(f"wrote {len(recs)} records to {out}")
+        return 0
+    return cmd_data_check(args)
+
+
+def cmd_data_check(args) -> int:
+    from .config import load_recipe
+    from .data import load_conversations, render_masked, tokenize_conversations
+
+    cfg_path = _config_path(args.config)
+    _, recipe = load_recipe(cfg_path, args.overrides)
+    recipe = resolve_paths(recipe, Path.cwd())
+    from .modeling import load_tokenizer
+    from .templates import resolve_template_name
+
+    tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    template = resolve_template_name(recipe.data.prompt_template, tok)
+    convs = load_conversations(recipe.data.data_path, recipe.data.format)
+    if recipe.data.system:
+        convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": recipe.data.system}, *c]
+                 for c in convs]
+    data = tokenize_conversations(convs, tok, template, recipe.data.max_length)
+    s = data.stats()
+    print(f"data:      {recipe.data.data_path}")
+    print(f"records:   {data.n_records}")
+    print(f"template:  {template}")
+    print(f"tokens:    min {s['min']}  mean {s['mean']}  median {s['median']}  p95 {s['p95']}  max {s['max']}")
+    print(f"truncated: {data.n_truncated} of {data.n_records} longer than max_length {recipe.data.max_length}")
+    if data.n_dropped:
+        print(f"dropped:   {data.n_dropped} with no assistant token left after truncation")
+    if data.samples:
+        print("first sample (masked, untrained spans in ⟦ ⟧):")
+        print(render_masked(tok, *data.samples[0]))
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _config_path(ref: str) -> Path:
+    p = Path(ref)
+    if p.is_file():
+        return p
+    if p.suffix in (".yaml", ".yml") or os.sep in ref:
+        raise UserError(f"{ref}: no such config file")
+    from .catalogue import find
+
+    return find(ref).path
+
+
+def resolve_paths(recipe, base_dir: Path):
+    """Relative model and data paths are relative to the directory the command runs in;
+    the run directory stores them absolute so resume and chat work from anywhere."""
+    def fix(value: str) -> str:
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        candidate = (base_dir / p)
+        if candidate.exists() or value.startswith((".", "~")) or p.suffix in (".json", ".jsonl"):
+            return str(candidate.resolve())
+        return value   # a hub id such as internlm/internlm2-chat-1_8b
+    return recipe.model_copy(update={
+        "model": recipe.model.model_copy(update={"path": fix(recipe.model.path)}),
+        "data": recipe.data.model_copy(update={"data_path": fix(recipe.data.data_path)}),
+    })
+
+
+def _unique_run_dir(root: Path, stem: str) -> Path:
+    cand = root / stem
+    n = 2
+    while cand.exists() and any(cand.iterdir()):
+        cand = root / f"{stem}_{n}"
+        n += 1
+    return cand
+
+
+def _latest_run(root: Path, stem: str) -> Path | None:
+    from .runs import find_runs
+
+    pattern = re.compile(rf"^{re.escape(stem)}(_\d+)?$")
+    runs = [r for r in find_runs(root) if pattern.match(r.path.name)]
+    return runs[0].path if runs else None
+
+
+def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resume: str | None,
+                deepspeed: str | None, base_dir: Path | None = None) -> tuple[Path, Path | None, str]:
+    """Validate the recipe and lay out the run directory; returns (run_dir, checkpoint, name)."""
+    from .catalogue import deepspeed_config_path
+    from .checkpoint import resolve_checkpoint
+    from .config import RecipeDocument, load_recipe
+    from .runs import checkpoint_step
+
+    base_dir = base_dir or Path.cwd()
+    cfg_path = _config_path(config)
+    overrides = list(overrides)
+    if deepspeed:
+        deepspeed_config_path(deepspeed)
+        overrides.append(f"deepspeed={deepspeed.removeprefix('deepspeed_')}")
+    doc, recipe = load_recipe(cfg_path, overrides)
+    recipe = resolve_paths(recipe, base_dir)
+    stem = cfg_path.stem
+    root = base_dir / "work_dirs"
+    ckpt: Path | None = None
+    if resume and resume != "latest":
+        ckpt = resolve_checkpoint(resume)
+        run_dir = Path(work_dir) if work_dir else (ckpt.parent if checkpoint_step(ckpt) is not None else None)
+        if run_dir is None:
+            raise UserError(f"--resume {resume}: not a tunedeck checkpoint; give --work-dir for the run")
+    elif resume == "latest":
+        run_dir = Path(work_dir) if work_dir else _latest_run(root, stem)
+        if run_dir is None:
+            raise UserError(f"--resume: no earlier run of {stem} under {root}")
+        ckpt = resolve_checkpoint(run_dir)
+    else:
+        if work_dir:
+            run_dir = Path(work_dir)
+            if run_dir.exists() and (run_dir / "status.json").exists():
+                raise UserError(f"--work-dir {run_dir}: already holds a run; pass --resume to continue it "
+                                "or choose another directory")
+        else:
+            run_dir = _unique_run_dir(root, stem)
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = RecipeDocument(doc.data)
+    resolved.set("model.path", recipe.model.path)
+    resolved.set("data.data_path", recipe.data.data_path)
+    resolved.save(run_dir / "config.yaml")
+    (run_dir / "source.json").write_text(json.dumps({"config": str(cfg_path.resolve()), "name": stem,
+                                                      "overrides": overrides}, ensure_ascii=False))
+    return run_dir, ckpt, stem
+
+
+def cmd_train(args) -> int:
+    if args.gpus < 1:
+        raise UserError(f"--gpus: {args.gpus} is not allowed: must be >= 1")
+    run_dir, ckpt, name = prepare_run(args.config, args.overrides, work_dir=args.work_dir, resume=args.resume,
+                                      deepspeed=args.deepspeed)
+    if args.detach:
+        proc = start_detached(run_dir, ckpt, args.gpus)
+        print(run_dir)
+        print(f"started pid {proc.pid}; follow with: tail -f {run_dir / 'train.log'}", file=sys.stderr)
+        return 0
+    if args.gpus > 1:
+        return _torchrun(run_dir, ckpt, args.gpus)
+    return _train_here(run_dir, ckpt)
+
+
+def _worker_cmd(run_dir: Path, ckpt: Path | None) -> list[str]:
+    cmd = ["-m", "engine.cli", "_worker", str(run_dir)]
+    return cmd + (["--resume-from", str(ckpt)] if ckpt else [])
+
+
+def start_detached(run_dir: Path, ckpt: Path | None, gpus: int = 1) -> subprocess.Popen:
+    """Start training in its own session: it survives the terminal, the TUI and SSH closing."""
+    from .runs import RunDirectory
+
+    RunDirectory(run_dir).write_status(state="starting", pid=None, error=None, step=0)
+    out = open(run_dir / "console.log", "ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.Popen([sys.executable, *_worker_cmd(run_dir, ckpt), "--gpus", str(gpus)],
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=run_dir, env=env)
+    RunDirectory(run_dir).write_status(pid=proc.pid)
+    return proc
+
+
+def _torchrun(run_dir: Path, ckpt: Path | None, gpus: int) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           *_worker_cmd(run_dir, ckpt)]
+    return subprocess.call(cmd)
+
+
+def _train_here(run_dir: Path, ckpt: Path | None) -> int:
+    from .config import load_recipe
+    from .runs import RunDirectory
+    from .trainer import run_training
+
+    _, recipe = load_recipe(run_dir / "config.yaml")
+    try:
+        name = json.loads((run_dir / "source.json").read_text()).get("name", run_dir.name)
+    except (OSError, ValueError):
+        name = run_dir.name
+    run = RunDirectory(run_dir)
+    try:
+        state = run_training(recipe, run, resume_from=ckpt, config_name=name)
+    except UserError:
+        raise
+    except Exception as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: training failed: {run.status().get('error') or type(e).__name__} "
+                  f"(see {run.log_path})", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{state}: {run_dir}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    run_dir = Path(args.run_dir)
+    ckpt = Path(args.resume_from) if args.resume_from else None
+    if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
+        return _torchrun(run_dir, ckpt, args.gpus)
+    return _train_here(run_dir, ckpt)
+
+
+def cmd_runs(args) -> int:
+    from .runs import find_runs, format_eta
+
+    rows = [r.summary() for r in find_runs(args.root)]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return 0
+    if not rows:
+        print(f"no runs under {args.root}")
+        return 0
+    print(f"{'RUN':<40} {'STATE':<9} {'STEP':>11} {'LOSS':>8} {'ETA':>8}  INFO")
+    for r in rows:
+        prog = f"{r['step']}/{r['total_steps'] or '?'}"
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        info = r["error"] if r["state"] == "failed" else (r["latest_checkpoint"] or "")
+        eta = format_eta(r["eta_s"]) if r["state"] == "running" else "-"
+        print(f"{r['run']:<40} {r['state']:<9} {prog:>11} {loss:>8} {eta:>8}  {info}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from .runs import resolve_run
+
+    run = resolve_run(args.run, args.root)
+    st = run.request_stop(args.wait)
+    latest = run.latest_checkpoint()
+    print(f"{st.get('state')} at step {st.get('step')}; latest checkpoint: {latest or 'none'}")
+    return 0 if st.get("state") in ("stopped", "finished") else 1
+
+
+# ----------------------------------------------------------------------------- chat, merge, tree
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession, load_for_chat
+    from .generation import GenerationParams
+
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    problems = params.validate()
+    if problems:
+        raise UserError(*[f"--{p.replace('_', '-')}" for p in problems])
+    loaded = load_for_chat(args.model, args.adapter, template=args.template, system=args.system, bits=args.bits,
+                           trust_remote_code=args.trust_remote_code)
+    session = ChatSession(loaded, params)
+    if args.prompt is not None:
+        for piece in session.ask(args.prompt):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    print(f"chatting with {loaded.source} (template {loaded.template}); EXIT quits, RESET clears history",
+          file=sys.stderr)
+    while True:
+        try:
+            prompt = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if prompt.strip() == "EXIT":
+            return 0
+        if prompt.strip() == "RESET":
+            session.reset()
+            print("(history cleared)")
+            continue
+        if not prompt.strip():
+            continue
+        for piece in session.ask(prompt):
+            print(piece, end="", flush=True)
+        print()
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    out = merge(args.base, args.adapter, args.out, device=args.device, max_shard_size=args.max_shard_size,
+                progress=lambda m: print(m, file=sys.stderr))
+    print(out)
+    return 0
+
+
+def cmd_tree(args) -> int:
+    from .tree import tree_lines
+
+    for line in tree_lines(args.dir):
+        print(line)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.dir), args.name, no_tui=args.no_tui)
+
+
+VERBS = {
+    "list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "data": cmd_data, "train": cmd_train,
+    "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "merge": cmd_merge, "tree": cmd_tree,
+    "demo": cmd_demo, "_worker": cmd_worker,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``tunedeck demo``: the whole personal-assistant workflow on a tiny model, offline, on the CPU.
+
+DIR/models/tiny-chat   a chat model made on the spot (random init, tokenizer trained here)
+DIR/data/              the identity dataset for NAME
+DIR/configs/demo.yaml  the demo recipe (copied once; edits you make are kept)
+DIR/work_dirs/demo*/   the run
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from .catalogue import find
+from .errors import UserError
+
+DEMO_RECIPE = "demo_tiny_qlora_self"
+DEMO_QUESTION = "请做一下自我介绍"
+DEMO_RECORDS = 400
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "assistant"
+
+
+def prepare_workspace(workspace: Path, name: str) -> tuple[Path, Path, Path]:
+    """Model, dataset and recipe of the demo workspace; existing files are reused, never overwritten."""
+    from .identity import identity_records, write_identity
+    from .tiny import build_tiny_model
+
+    if workspace.exists() and not workspace.is_dir():
+        raise UserError(f"--dir {workspace}: exists and is not a directory")
+    model_dir = workspace / "models" / "tiny-chat"
+    if not (model_dir / "config.json").is_file():
+        print(f"building a tiny chat model in {model_dir}", flush=True)
+        build_tiny_model(model_dir, extra_texts=[name])
+    data_file = workspace / "data" / f"personal_assistant_{_slug(name)}.jsonl"
+    if not data_file.exists():
+        write_identity(data_file, identity_records(name, DEMO_RECORDS, varied=True))
+        print(f"wrote the identity dataset for {name!r} to {data_file}", flush=True)
+    recipe = workspace / "configs" / "demo.yaml"
+    if not recipe.exists():
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(find(DEMO_RECIPE).path.read_text(encoding="utf-8"), encoding="utf-8")
+    return model_dir, data_file, recipe
+
+
+def run_demo(workspace: Path, name: str, no_tui: bool = True) -> int:
+    from .chat import ChatSession, load_for_chat
+    from .cli import _train_here, prepare_run
+
+    workspace = workspace.resolve()
+    model_dir, data_file, recipe = prepare_workspace(workspace, name)
+    overrides = [f"data.data_path={data_file}", f"model.path={model_dir}"]
+    run_dir, _, _ = prepare_run(str(recipe), overrides, work_dir=None, resume=None, deepspeed=None,
+                                base_dir=workspace)
+    print(f"training {recipe.name} -> {run_dir}", flush=True)
+    rc = _train_here(run_dir, None)
+    if rc != 0:
+        return rc
+    base = ChatSession(load_for_chat(str(model_dir), template="internlm2_chat"))
+    tuned = ChatSession(load_for_chat(str(model_dir), str(run_dir)))
+    for s in (base, tuned):
+        s.params.max_new_tokens = 64
+    print()
+    print(f"Q: {DEMO_QUESTION}")
+    print(f"base model : {base.answer(DEMO_QUESTION)}")
+    print(f"fine-tuned : {tuned.answer(DEMO_QUESTION)}")
+    print()
+    print(f"chat with it:  tunedeck chat {model_dir} --adapter {run_dir}")
+    print(f"merge it:      tunedeck merge {model_dir} {run_dir} {workspace / 'merged'}")
+    if not no_tui:
+        print("(the TUI is not built yet: see issue #4)", file=sys.stderr)
+    return 0

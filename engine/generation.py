@@ -1,0 +1,115 @@
+"""Token-by-token generation with a KV cache: greedy or sampled, streamed as text, stopping
+at the template's stop words."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.0        # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                  # 0 = off
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens: {self.max_new_tokens} is not allowed: must be >= 1")
+        if self.temperature < 0:
+            problems.append(f"temperature: {self.temperature} is not allowed: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p: {self.top_p} is not allowed: must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append(f"top_k: {self.top_k} is not allowed: must be >= 0")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty: {self.repetition_penalty} is not allowed: must be > 0")
+        return problems
+
+
+def _next_token(logits: torch.Tensor, seen: torch.Tensor, p: GenerationParams,
+                generator: torch.Generator | None) -> int:
+    logits = logits.float()
+    if p.repetition_penalty != 1.0 and seen.numel():
+        prev = logits[seen]
+        logits[seen] = torch.where(prev > 0, prev / p.repetition_penalty, prev * p.repetition_penalty)
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits[logits < kth] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    if p.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, -1)
+        drop = cum - sorted_p > p.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def stream_generate(model: Any, tokenizer: Any, input_ids: list[int], params: GenerationParams,
+                    stop_ids: list[int] | None = None, seed: int | None = None) -> Iterator[str]:
+    """Yield text pieces as they are generated; stops at stop ids, stop words or max_new_tokens."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], device=device)
+    stop_set = set(stop_ids or [])
+    generator = None
+    if seed is not None and params.temperature > 0:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = model(input_ids=ids, use_cache=True)
+    past = out.past_key_values
+    logits = out.logits[0, -1]
+    generated: list[int] = []
+    emitted = ""
+    for _ in range(params.max_new_tokens):
+        seen = torch.tensor(input_ids + generated, device=logits.device)
+        tok = _next_token(logits.cpu() if generator is not None else logits,
+                          seen.cpu() if generator is not None else seen, params, generator)
+        if tok in stop_set:
+            break
+        generated.append(tok)
+        text = tokenizer.decode(generated, skip_special_tokens=False)
+        hit = _find_stop(text, params.stop)
+        if hit is not None:
+            text = text[:hit]
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+            return
+        if not text.endswith("\ufffd") and len(text) > len(emitted):   # wait for whole characters
+            # hold back a tail that could be the start of a stop word
+            safe = len(text) - _partial_stop_len(text, params.stop)
+            if safe > len(emitted):
+                yield text[len(emitted):safe]
+                emitted = text[:safe]
+        out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[0, -1]
+    text = tokenizer.decode(generated, skip_special_tokens=False)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _partial_stop_len(text: str, stops: list[str]) -> int:
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best

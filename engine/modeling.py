@@ -1,0 +1,159 @@
+"""Loading tokenizers and models (4-bit / 8-bit / full precision) and attaching LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+# Transformers talks a lot at import and load time; the run log says what matters.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: str               # "cuda" | "cpu"
+    amp: str                  # "bf16" | "fp16" | "fp32"
+    weight_dtype: torch.dtype # dtype of frozen (non-quantized) weights
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+
+
+def pick_precision(mixed_precision: str = "auto", dtype: str = "auto", device: str | None = None) -> Precision:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return Precision("cpu", "fp32", torch.float32)
+    bf16_ok = torch.cuda.is_bf16_supported()
+    amp = mixed_precision
+    if amp == "auto":
+        amp = "bf16" if bf16_ok else "fp16"
+    if amp == "bf16" and not bf16_ok:
+        raise UserError("train.mixed_precision: 'bf16' is not supported by this GPU; use fp16 or auto")
+    wd = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+    if wd is None:
+        wd = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+    return Precision("cuda", amp, wd)
+
+
+def check_model_dir(path: str, need_config: bool = True) -> None:
+    p = Path(path)
+    if p.is_dir():
+        if need_config and not (p / "config.json").is_file():
+            raise UserError(f"model.path: {path!r} is a directory but holds no config.json (not a model folder)")
+        return
+    if p.exists():
+        raise UserError(f"model.path: {path!r} is a file, not a model directory")
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"model.path: {path!r}: no such model directory")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    check_model_dir(path, need_config=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model.path: {path!r}: cannot load a tokenizer ({_one_line(e)})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4", double_quant: bool = True,
+               precision: Precision, trust_remote_code: bool = False, attn_implementation: str = "auto",
+               device_map: Any = None) -> Any:
+    """The base model, frozen-quantized when asked. Full-precision master weights (for a full
+    fine-tune) are loaded in fp32 by the caller passing a float32 precision."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_dir(path)
+    compute = precision.autocast_dtype or torch.float32
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": precision.weight_dtype}
+    if attn_implementation != "auto":
+        kw["attn_implementation"] = attn_implementation
+    elif not trust_remote_code:
+        kw["attn_implementation"] = "sdpa"
+    if quantization == "4bit":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+    elif quantization == "8bit":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    if device_map is None:
+        device_map = {"": torch.cuda.current_device()} if precision.device == "cuda" else {"": "cpu"}
+    kw["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise UserError(f"model.path: {path!r}: cannot load the model ({_one_line(e)})") from None
+    return model
+
+
+def linear_target_modules(model: Any) -> list[str]:
+    """Names of every linear layer but the output head, found by type (so InternLM2's
+    wqkv/wo/w1/w2/w3 are covered as well as Llama's q_proj...down_proj)."""
+    linear_types: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except Exception:  # bitsandbytes missing or without a backend: plain Linear only
+        pass
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, linear_types) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
+    return sorted(names - head_names)
+
+
+def attach_lora(model: Any, *, r: int, alpha: float, dropout: float, target_modules: Any, bias: str,
+                quantized: bool, gradient_checkpointing: bool) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            model.enable_input_require_grads()
+    targets = linear_target_modules(model) if target_modules == "all-linear" else list(target_modules)
+    missing = [t for t in targets if not any(n.endswith("." + t) or n == t for n, _ in model.named_modules())]
+    if missing:
+        raise UserError(f"lora.target_modules: {missing} not found in the model; "
+                        f"its linear layers are {linear_target_modules(model)}")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type="CAUSAL_LM",
+                     target_modules=targets)
+    return get_peft_model(model, cfg)
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """tunedeck.json of a checkpoint: base model, template and system it was trained with."""
+    p = Path(adapter_dir) / "tunedeck.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,599 @@
+"""The training loop: QLoRA / LoRA / full fine-tune, one device, DDP or DeepSpeed ZeRO.
+
+Read it top to bottom: ``setup`` (tokenizer, data, model, optimizer, schedule,
+resume), then ``train`` (windows of ``accumulative_counts`` micro-batches, one
+optimizer step each, metrics, evaluation, checkpoints), then the end state.
+
+Loss: the token-level mean over the whole accumulation window (and over all
+ranks), so gradient accumulation and data parallelism give the same gradient
+as one big batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import catalogue
+from .checkpoint import (clean_partial, read_trainer_state, rotate_checkpoints, save_checkpoint,
+                         set_rng_state)
+from .config import Recipe
+from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
+from .errors import UserError
+from .modeling import Precision, attach_lora, load_model, load_tokenizer, pick_precision
+from .runs import RunDirectory
+from .templates import IGNORE_INDEX, encode_prompt, resolve_template_name, stop_token_ids
+
+log = logging.getLogger("tunedeck.train")
+
+
+@dataclass
+class Position:
+    """Where training is: optimizer steps done, and the window inside the current epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    window: int = 0
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, start_factor: float = 1e-5):
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return start_factor + (1 - start_factor) * step / warmup
+        span = max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run: RunDirectory, *, resume_from: Path | None = None,
+                 config_name: str = "", console: bool = True):
+        self.recipe = recipe
+        self.run = run
+        self.resume_from = resume_from
+        self.config_name = config_name
+        self.console = console
+        self._stop_requested = False
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.ds_engine: Any = None
+        self.scaler: Any = None
+        self.tb: Any = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        r = self.recipe
+        self._setup_distributed()
+        self._seed(r.train.seed)
+        self.precision = pick_precision(r.train.mixed_precision, r.model.dtype)
+        self.tokenizer = load_tokenizer(r.model.path, r.model.trust_remote_code)
+        self.template = resolve_template_name(r.data.prompt_template, self.tokenizer)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self.pos = Position()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        if self.ds_engine is None and self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.local_rank] if self.precision.device == "cuda" else None)
+
+    def _setup_distributed(self) -> None:
+        r = self.recipe
+        if r.train.deepspeed != "none":
+            if not torch.cuda.is_available():
+                raise UserError(f"train.deepspeed: {r.train.deepspeed!r} needs a CUDA GPU; use none on the CPU")
+            try:
+                import deepspeed
+            except ImportError:
+                raise UserError("train.deepspeed: deepspeed is not installed "
+                                "(pip install 'tunedeck[deepspeed]')") from None
+            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                os.environ.setdefault(k, v)
+            torch.cuda.set_device(self.local_rank)
+            deepspeed.init_distributed(dist_backend="nccl", verbose=False)
+        elif self.world > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group(backend)
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _setup_data(self) -> None:
+        r = self.recipe
+        convs = load_conversations(r.data.data_path, r.data.format)
+        if r.data.system:
+            convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": r.data.system}, *c]
+                     for c in convs]
+        tok = tokenize_conversations(convs, self.tokenizer, self.template, r.data.max_length)
+        if not tok.samples:
+            raise UserError(f"data.data_path: {r.data.data_path}: no sample has an assistant token left "
+                            f"after truncation to max_length {r.data.max_length}")
+        self.rows: list[Row] = build_rows(tok, r.data.max_length, r.data.pack_to_max_length, r.train.seed)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        per_rank = math.ceil(len(self.rows) / self.world)
+        self.micro_per_epoch = math.ceil(per_rank / r.train.batch_size)
+        acc = r.train.accumulative_counts
+        if self.recipe.train.deepspeed != "none":
+            # DeepSpeed counts accumulation boundaries itself: only whole windows.
+            self.micro_per_epoch = max(acc, self.micro_per_epoch // acc * acc)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / acc)
+        self.total_steps = r.train.max_steps or max(1, math.ceil(self.steps_per_epoch * r.train.max_epochs))
+        self.n_train_tokens = sum(row.n_tokens for row in self.rows)
+        self.data_info = {
+            "records": tok.n_records, "samples": len(tok.samples), "truncated": tok.n_truncated,
+            "dropped": tok.n_dropped, "rows": len(self.rows), "tokens": self.n_train_tokens,
+            "length": tok.stats(), "template": self.template,
+            "first_sample": render_masked(self.tokenizer, *tok.samples[0]),
+        }
+
+    def _setup_model(self) -> None:
+        r = self.recipe
+        quantized = r.model.quantization != "none"
+        if quantized and not r.lora.enabled:
+            raise UserError(f"model.quantization: {r.model.quantization!r} needs lora.enabled: true "
+                            "(a quantized model cannot be fully fine-tuned); set quantization: none")
+        if quantized and self.precision.device == "cpu" and r.model.quantization == "8bit":
+            raise UserError("model.quantization: '8bit' has no CPU backend in bitsandbytes; use 4bit or none")
+        full = not r.lora.enabled
+        precision = self.precision
+        if full:  # master weights in fp32, compute under autocast
+            precision = Precision(precision.device, precision.amp, torch.float32)
+        device_map = ({"": self.local_rank} if precision.device == "cuda" else {"": "cpu"})
+        model = load_model(r.model.path, quantization=r.model.quantization, quant_type=r.model.quant_type,
+                           double_quant=r.model.double_quant, precision=precision,
+                           trust_remote_code=r.model.trust_remote_code,
+                           attn_implementation=r.model.attn_implementation, device_map=device_map)
+        model.config.use_cache = False
+        if full:
+            if r.model.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            torch.manual_seed(r.train.seed)   # LoRA init is seeded on its own
+            model = attach_lora(model, r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
+                                target_modules=r.lora.target_modules, bias=r.lora.bias, quantized=quantized,
+                                gradient_checkpointing=r.model.gradient_checkpointing)
+        self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in self.trainable)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.device = torch.device(f"cuda:{self.local_rank}" if precision.device == "cuda" else "cpu")
+
+    def _setup_optimizer(self) -> None:
+        t = self.recipe.train
+        kw = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay}
+        if t.optim_type == "adamw":
+            opt = torch.optim.AdamW(self.trainable, **kw)
+        else:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.PagedAdamW8bit if t.optim_type == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+            opt = cls(self.trainable, **kw)
+        self.optimizer = opt
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, t.warmup_ratio))
+        if t.deepspeed != "none":
+            import deepspeed
+
+            ds_cfg = self._deepspeed_config()
+            self.ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.model, model_parameters=self.trainable, optimizer=opt,
+                lr_scheduler=self.scheduler, config=ds_cfg)
+        elif self.precision.amp == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    def _deepspeed_config(self) -> dict:
+        t = self.recipe.train
+        cfg = json.loads(catalogue.deepspeed_config_path(t.deepspeed).read_text())
+        cfg["train_micro_batch_size_per_gpu"] = t.batch_size
+        cfg["gradient_accumulation_steps"] = t.accumulative_counts
+        cfg["train_batch_size"] = t.batch_size * t.accumulative_counts * self.world
+        cfg["gradient_clipping"] = t.max_norm
+        # bf16: DeepSpeed keeps fp32 LoRA weights and we autocast (no casting of 4-bit modules);
+        # fp16 GPUs: DeepSpeed's own fp16 with dynamic loss scaling.
+        cfg["bf16"] = {"enabled": False}
+        cfg.setdefault("fp16", {})["enabled"] = self.precision.amp == "fp16"
+        return cfg
+
+    def _resume(self, ckpt: Path) -> None:
+        state = read_trainer_state(ckpt)
+        if state.get("total_steps") not in (None, self.total_steps):
+            log.warning("checkpoint planned %s steps, this recipe plans %s", state.get("total_steps"),
+                        self.total_steps)
+        self._load_weights(ckpt)
+        if self.ds_engine is not None:
+            self.ds_engine.load_checkpoint(str(ckpt / "deepspeed"), load_module_strict=False)
+        else:
+            self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+            self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+            if self.scaler is not None and (ckpt / "scaler.pt").exists():
+                self.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
+        set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        self.pos = Position(state["step"], state["epoch"], state["window"])
+        self.resumed_step = state["step"]
+        log.info("resumed from %s at step %d (epoch %d, window %d)", ckpt, *vars(self.pos).values())
+
+    def _load_weights(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.recipe.lora.enabled:
+            from peft import set_peft_model_state_dict
+
+            f = ckpt / "adapter_model.safetensors"
+            if not f.is_file():
+                raise UserError(f"{ckpt}: no adapter_model.safetensors; it is not a LoRA checkpoint of this recipe")
+            result = set_peft_model_state_dict(self.model, load_file(str(f), device=str(self.device)))
+            if getattr(result, "unexpected_keys", None):
+                raise UserError(f"{ckpt}: adapter does not fit this model "
+                                f"(unexpected {result.unexpected_keys[:3]})")
+        else:
+            from transformers.modeling_utils import load_sharded_checkpoint
+
+            files = sorted(ckpt.glob("model*.safetensors"))
+            if (ckpt / "model.safetensors.index.json").exists():
+                load_sharded_checkpoint(self.model, str(ckpt), strict=False)
+            elif files:
+                self.model.load_state_dict(load_file(str(files[0]), device=str(self.device)), strict=False)
+            else:
+                raise UserError(f"{ckpt}: no model weights (model*.safetensors)")
+
+    # ------------------------------------------------------------------ data order
+    def _epoch_order(self, epoch: int) -> list[int]:
+        n = len(self.rows)
+        if self.recipe.data.shuffle:
+            g = torch.Generator().manual_seed(self.recipe.train.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        per_rank = math.ceil(n / self.world)
+        order += order[: per_rank * self.world - n]          # even shards: wrap a few rows
+        return order[self.rank::self.world]
+
+    def _window(self, epoch: int, window: int) -> list[dict[str, torch.Tensor]]:
+        order = self._epoch_order(epoch)
+        bs, acc = self.recipe.train.batch_size, self.recipe.train.accumulative_counts
+        first = window * acc
+        last = min(first + acc, self.micro_per_epoch)
+        batches = []
+        for m in range(first, last):
+            idx = order[m * bs:(m + 1) * bs]
+            if not idx:
+                continue
+            b = collate([self.rows[i] for i in idx], self.pad_id)
+            batches.append({k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in b.items()})
+        return batches
+
+    # ------------------------------------------------------------------ the loop
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        model = self.ds_engine or self.model
+        with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
+                            enabled=self.precision.autocast_dtype is not None):
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        logits = out.logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _global_count(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], device=self.device)
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+
+    def _train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
+        """One optimizer step over a window; returns (mean loss, grad norm, tokens seen)."""
+        n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n_global = max(1, self._global_count(n_targets))
+        scale = self.world / n_global          # DDP / DeepSpeed average gradients over ranks
+        loss_total = 0.0
+        tokens = 0
+        for b in batches:
+            loss_sum = self._loss_sum(b)
+            loss_total += loss_sum.item()
+            tokens += int(b["input_ids"].numel())
+            loss = loss_sum * scale
+            if self.ds_engine is not None:
+                self.ds_engine.backward(loss, scale_wrt_gas=False)
+                self.ds_engine.step()
+            elif self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        t = self.recipe.train
+        if self.ds_engine is not None:
+            norm = self.ds_engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+        else:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            clip = t.max_norm if t.max_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        loss_mean = loss_total
+        if self.world > 1:
+            lt = torch.tensor([loss_total], device=self.device, dtype=torch.float64)
+            torch.distributed.all_reduce(lt)
+            loss_mean = float(lt.item())
+        return loss_mean / n_global, grad_norm, tokens * self.world
+
+    def train(self) -> str:
+        """Run to the end (or a stop request). Returns the final state."""
+        r = self.recipe
+        t0 = time.time()
+        self._log_start()
+        if r.train.evaluation_inputs and not self.resume_from:
+            self.evaluate()
+        step_times: list[float] = []
+        state = "finished"
+        saved_at = self.pos.step if self.resume_from else -1
+        acc = r.train.accumulative_counts
+        windows_per_epoch = math.ceil(self.micro_per_epoch / acc)
+        while self.pos.step < self.total_steps:
+            if self.pos.window >= windows_per_epoch:
+                self.pos.epoch += 1
+                self.pos.window = 0
+            batches = self._window(self.pos.epoch, self.pos.window)
+            ts = time.time()
+            loss, grad_norm, tokens = self._train_step(batches)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.time() - ts
+            step_times.append(dt)
+            self.pos.window += 1
+            self.pos.step += 1
+            lr = self.scheduler.get_last_lr()[0]
+            self._on_step(loss, lr, grad_norm, tokens, dt, step_times)
+            if self.pos.step % r.train.save_steps == 0 and self.pos.step < self.total_steps:
+                self.save()
+                saved_at = self.pos.step
+            if (r.train.evaluation_freq and self.pos.step % r.train.evaluation_freq == 0
+                    and self.pos.step < self.total_steps and r.train.evaluation_inputs):
+                self.evaluate()
+            if self._stop_now():
+                state = "stopped"
+                break
+        if saved_at != self.pos.step:
+            self.save()
+        if state == "finished" and r.train.evaluation_inputs:
+            self.evaluate()
+        if self.rank == 0:
+            self.run.write_status(state=state, step=self.pos.step, eta_s=0 if state == "finished" else None,
+                                  finished=time.time())
+            log.info("%s at step %d/%d in %.1fs", state, self.pos.step, self.total_steps, time.time() - t0)
+        if self.tb is not None:
+            self.tb.close()
+        return state
+
+    def _stop_now(self) -> bool:
+        flag = self._stop_requested
+        if self.world > 1:
+            t = torch.tensor([1 if flag else 0], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def request_stop(self, *_: Any) -> None:
+        if not self._stop_requested:
+            log.info("stop requested: saving a checkpoint after this step")
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------ outputs
+    def _log_start(self) -> None:
+        if self.rank != 0:
+            return
+        d = self.data_info
+        log.info("data: %d records -> %d samples (%d truncated to %d tokens, %d dropped) -> %d rows, "
+                 "%d tokens; length %s; template %s", d["records"], d["samples"], d["truncated"],
+                 self.recipe.data.max_length, d["dropped"], d["rows"], d["tokens"], d["length"], d["template"])
+        log.info("first sample (masked spans in ⟦ ⟧): %s", d["first_sample"])
+        log.info("model: %s, %s params, %s trainable (%.2f%%), %s on %s, amp %s", self.recipe.model.path,
+                 f"{self.n_params:,}", f"{self.n_trainable:,}", 100 * self.n_trainable / max(1, self.n_params),
+                 self.recipe.model.quantization, self.device, self.precision.amp)
+        log.info("plan: %d steps (%d per epoch x %s epochs), %d micro-batches of %d per step, %d rank(s)",
+                 self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
+                 self.recipe.train.accumulative_counts, self.recipe.train.batch_size, self.world)
+        self.run.write_status(state="running", pid=os.getpid(), step=self.pos.step,
+                              total_steps=self.total_steps, data=self.data_info | {"first_sample": None},
+                              trainable_params=self.n_trainable, device=str(self.device), error=None)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run.path / "tensorboard"))
+        except Exception:  # tensorboard not installed: metrics.jsonl still has everything
+            self.tb = None
+
+    def _on_step(self, loss: float, lr: float, grad_norm: float, tokens: int, dt: float,
+                 step_times: list[float]) -> None:
+        if self.rank != 0:
+            return
+        step = self.pos.step
+        recent = step_times[-20:]
+        eta = (self.total_steps - step) * (sum(recent) / len(recent))
+        mem = (torch.cuda.max_memory_allocated(self.device) / 2**30) if self.device.type == "cuda" else None
+        rec = {"step": step, "epoch": round(self.pos.epoch + self.pos.window / max(1, self.steps_per_epoch), 4),
+               "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+               "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None, "step_time_s": round(dt, 4),
+               "gpu_mem_gib": round(mem, 3) if mem is not None else None, "time": time.time()}
+        if step % self.recipe.train.logging_steps == 0 or step == self.total_steps:
+            with open(self.run.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            log.info("step %d/%d  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s%s  eta %.0fs", step,
+                     self.total_steps, loss, lr, grad_norm, rec["tokens_per_s"] or 0,
+                     f"  mem {mem:.2f}GiB" if mem is not None else "", eta)
+            if self.tb is not None:
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    if rec[k] is not None:
+                        self.tb.add_scalar(f"train/{k}", rec[k], step)
+        self.run.write_status(state="running", step=step, total_steps=self.total_steps, eta_s=round(eta, 1),
+                              loss=rec["loss"], epoch=rec["epoch"])
+
+    def meta(self) -> dict[str, Any]:
+        r = self.recipe
+        return {"base_model": r.model.path, "prompt_template": self.template, "system": r.data.system,
+                "trust_remote_code": r.model.trust_remote_code, "quantization": r.model.quantization,
+                "lora": r.lora.enabled, "config_name": self.config_name, "step": self.pos.step}
+
+    def save(self) -> Path | None:
+        model = self.ds_engine.module if self.ds_engine is not None else self.model
+        model = getattr(model, "module", model)   # unwrap DDP
+        trainer_state = {"step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
+                         "total_steps": self.total_steps, "time": time.time()}
+        extra = None
+        if self.ds_engine is not None:
+            def extra(tmp: Path) -> None:
+                self.ds_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+                if self.world > 1:
+                    torch.distributed.barrier()
+        path = save_checkpoint(self.run, self.pos.step, model=model, tokenizer=self.tokenizer,
+                               trainer_state=trainer_state, meta=self.meta(),
+                               optimizer=self.optimizer if self.ds_engine is None else None,
+                               scheduler=self.scheduler if self.ds_engine is None else None,
+                               scaler=self.scaler, extra_writer=extra, rank=self.rank)
+        if self.rank == 0:
+            removed = rotate_checkpoints(self.run, self.recipe.train.save_total_limit)
+            log.info("saved %s%s", path.name, f" (removed {', '.join(p.name for p in removed)})" if removed else "")
+        if self.world > 1:
+            torch.distributed.barrier()
+        return path
+
+    @torch.no_grad()
+    def evaluate(self) -> list[dict[str, Any]]:
+        """The seed's EvaluateChatHook: answer evaluation_inputs greedily, log and record them."""
+        from .checkpoint import rng_state
+
+        if self.rank != 0:
+            return []
+        rng = rng_state()   # generation must not shift the training's random stream
+        model = self.ds_engine.module if self.ds_engine is not None else self.model
+        model = getattr(model, "module", model)
+        was_training = model.training
+        model.eval()
+        out = []
+        stops = stop_token_ids(self.tokenizer, self.template)
+        for prompt in self.recipe.train.evaluation_inputs:
+            msgs = ([{"role": "system", "content": self.recipe.data.system}] if self.recipe.data.system else [])
+            msgs.append({"role": "user", "content": prompt})
+            ids = torch.tensor([encode_prompt(self.tokenizer, self.template, msgs)], device=self.device)
+            with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
+                                enabled=self.precision.autocast_dtype is not None):
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=self.recipe.train.evaluation_max_new_tokens,
+                                     eos_token_id=stops, pad_token_id=self.pad_id, use_cache=True)
+            answer = self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            rec = {"step": self.pos.step, "prompt": prompt, "answer": answer, "time": time.time()}
+            out.append(rec)
+            log.info("eval @%d  %s -> %s", self.pos.step, prompt, answer)
+        with open(self.run.evals_path, "a", encoding="utf-8") as f:
+            for rec in out:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        if was_training:
+            model.train()
+        set_rng_state(rng)
+        return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_logging(run: RunDirectory, console: bool, rank: int = 0) -> None:
+    root = logging.getLogger("tunedeck")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if rank != 0:
+        root.addHandler(logging.NullHandler())
+        return
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    fh = logging.FileHandler(run.log_path, encoding="utf-8")
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if console:
+        sh = logging.StreamHandler(sys.stdout)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    root.propagate = False
+
+
+def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None = None,
+                 config_name: str = "", console: bool = True) -> str:
+    """Train with status.json kept right whatever happens; returns the final state."""
+    rank = int(os.environ.get("RANK", "0"))
+    run.path.mkdir(parents=True, exist_ok=True)
+    setup_logging(run, console, rank)
+    if rank == 0:
+        clean_partial(run)
+        run.write_status(state="starting", pid=os.getpid(), step=resume_from and 0 or 0, error=None,
+                         config_name=config_name, started=time.time(), resumed_from=str(resume_from or "") or None)
+    trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name, console=console)
+    old_handlers = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        trainer.setup()
+        if resume_from is not None and rank == 0:
+            _truncate_after(run, trainer.pos.step)
+        return trainer.train()
+    except UserError as e:
+        _fail(run, rank, str(e).replace("\n", "; "))
+        raise
+    except torch.cuda.OutOfMemoryError as e:
+        msg = (f"CUDA out of memory ({str(e).splitlines()[0][:160]}); lower train.batch_size or "
+               "data.max_length, or turn on model.gradient_checkpointing")
+        _fail(run, rank, msg)
+        raise UserError(msg) from None
+    except BaseException as e:
+        _fail(run, rank, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500])
+        log.exception("training failed")
+        raise
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+def _fail(run: RunDirectory, rank: int, msg: str) -> None:
+    if rank == 0:
+        run.write_status(state="failed", error=msg, finished=time.time())
+        log.error("failed: %s", msg)
+
+
+def _truncate_after(run: RunDirectory, step: int) -> None:
+    """On resume, drop metrics and evals of the abandoned steps after the checkpoint."""
+    for path in (run.metrics_path, run.evals_path):
+        if not path.exists():
+            continue
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        from .config import atomic_write_text
+
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
