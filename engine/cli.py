@@ -376,7 +376,9 @@ def cmd_runs(args) -> int:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
         info = r["error"] if r["state"] == "failed" else (r["latest_checkpoint"] or "")
         eta = format_eta(r["eta_s"]) if r["state"] == "running" else "-"
-        print(f"{r['run']:<40} {r['state']:<9} {prog:>11} {loss:>8} {eta:>8}  {info}")
+        rel = os.path.relpath(r["run"])
+        shown = r["run"] if rel.startswith("..") else rel
+        print(f"{shown:<40} {r['state']:<9} {prog:>11} {loss:>8} {eta:>8}  {info}")
     return 0
 
 

@@ -215,7 +215,7 @@ def parse_value(text: str) -> Any:
     if text == "":
         return ""
     try:
-        value = YAML(typ="safe").load(text)
+        value = YAML().load(text)   # round-trip types keep how the number was written (1e-4)
     except Exception:
         return text
     return text if value is None and text.strip() not in ("null", "~") else value

@@ -3,6 +3,7 @@ at the template's stop words."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,17 @@ def _next_token(logits: torch.Tensor, seen: torch.Tensor, p: GenerationParams,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _cache_arg(model: Any) -> str:
+    """transformers >= 5.2x calls the KV cache ``cache``; older releases ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.inference_mode()
 def stream_generate(model: Any, tokenizer: Any, input_ids: list[int], params: GenerationParams,
                     stop_ids: list[int] | None = None, seed: int | None = None) -> Iterator[str]:
@@ -67,8 +79,9 @@ def stream_generate(model: Any, tokenizer: Any, input_ids: list[int], params: Ge
     generator = None
     if seed is not None and params.temperature > 0:
         generator = torch.Generator(device="cpu").manual_seed(seed)
+    cache_arg = _cache_arg(model)
     out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
+    past = _cache_of(out)
     logits = out.logits[0, -1]
     generated: list[int] = []
     emitted = ""
@@ -92,8 +105,8 @@ def stream_generate(model: Any, tokenizer: Any, input_ids: list[int], params: Ge
             if safe > len(emitted):
                 yield text[len(emitted):safe]
                 emitted = text[:safe]
-        out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{cache_arg: past})
+        past = _cache_of(out)
         logits = out.logits[0, -1]
     text = tokenizer.decode(generated, skip_special_tokens=False)
     if len(text) > len(emitted):

@@ -172,7 +172,7 @@ def find_runs(root: str | Path = "work_dirs") -> list[RunDirectory]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = {p.parent for pat in ("status.json", "*/status.json", "*/*/status.json") for p in root.glob(pat)}
+    found = {p.parent.resolve() for pat in ("status.json", "*/status.json", "*/*/status.json") for p in root.glob(pat)}
     runs = [RunDirectory(p) for p in found]
     return sorted(runs, key=lambda r: r.status_path.stat().st_mtime, reverse=True)
 

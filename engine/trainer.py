@@ -94,6 +94,8 @@ class Trainer:
         if self.ds_engine is None and self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.local_rank] if self.precision.device == "cuda" else None)
+        if self.device.type == "cuda":   # peak memory of training, not of loading
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def _setup_distributed(self) -> None:
         r = self.recipe

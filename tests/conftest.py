@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny chat model and tokenizer made on the spot (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = REPO / "configs" / "demo" / "demo_tiny_qlora_self.yaml"
+NAME = "NagatoYuki"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat", extra_texts=[NAME])
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def identity_file(tmp_path_factory) -> Path:
+    from engine.identity import identity_records, write_identity
+
+    return write_identity(tmp_path_factory.mktemp("data") / "identity.jsonl",
+                          identity_records(NAME, 200, varied=True))
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model, identity_file, monkeypatch) -> Path:
+    """A directory with models/, data/ and a demo recipe pointing at them; cwd is set to it."""
+    (tmp_path / "models").mkdir()
+    os.symlink(tiny_model, tmp_path / "models" / "tiny-chat")
+    (tmp_path / "data").mkdir()
+    shutil.copy(identity_file, tmp_path / "data" / "personal_assistant.jsonl")
+    shutil.copy(DEMO_RECIPE, tmp_path / "demo.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_cli(*args: str) -> int:
+    from engine.cli import main
+
+    return main([str(a) for a in args])

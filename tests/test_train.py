@@ -1,0 +1,241 @@
+"""Training for real on the CPU: the tiny model learns the identity, resume continues the same
+loss curve, a kill during a checkpoint write leaves the last one intact, detach + stop work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import NAME, REPO, run_cli
+
+from engine.identity import DEFAULT_ANSWER
+from engine.runs import RunDirectory
+
+IDENTITY = DEFAULT_ANSWER.format(name=NAME)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in RunDirectory(run).metrics()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model, identity_file) -> Path:
+    """One 4-bit QLoRA run of the demo recipe, shared by the chat and merge tests."""
+    ws = tmp_path_factory.mktemp("trained")
+    old = os.getcwd()
+    os.chdir(ws)
+    try:
+        rc = run_cli("train", REPO / "configs/demo/demo_tiny_qlora_self.yaml", "--work-dir", ws / "run",
+                     "--set", f"model.path={tiny_model}", "--set", f"data.data_path={identity_file}")
+    finally:
+        os.chdir(old)
+    assert rc == 0
+    return ws / "run"
+
+
+def test_demo_learns_the_identity_and_the_base_does_not(tmp_path, capsys):
+    assert run_cli("demo", "--dir", tmp_path / "ws", "--name", NAME, "--no-tui") == 0
+    out = capsys.readouterr().out
+    base = next(line for line in out.splitlines() if line.startswith("base model : "))
+    tuned = next(line for line in out.splitlines() if line.startswith("fine-tuned : "))
+    assert tuned == f"fine-tuned : {IDENTITY}"
+    assert NAME not in base and "小助手" not in base
+    run = next((tmp_path / "ws" / "work_dirs").iterdir())
+    curve = losses(run)
+    assert curve[max(curve)] < 0.2 * curve[1]            # the loss really fell
+    assert RunDirectory(run).status()["state"] == "finished"
+
+
+def test_run_directory_has_everything(trained_run):
+    run = RunDirectory(trained_run)
+    st = run.status()
+    assert st["state"] == "finished" and st["step"] == st["total_steps"] and st["eta_s"] == 0
+    m = run.metrics()
+    assert [x["step"] for x in m] == list(range(1, st["total_steps"] + 1))
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gib"} <= set(m[0])
+    evals = run.evals()
+    assert {e["step"] for e in evals} >= {0, st["total_steps"]}          # at start and at the end
+    assert all(e["answer"] == IDENTITY for e in evals if e["step"] == st["total_steps"])
+    assert (trained_run / "config.yaml").is_file() and "step 1/" in run.log_path.read_text()
+    cps = run.checkpoints()
+    assert len(cps) == 2 and cps[-1].name == f"checkpoint-{st['total_steps']}"   # save_total_limit 2
+    assert not list(trained_run.glob(".checkpoint-*"))
+
+
+def test_checkpoint_is_a_peft_adapter_peft_loads_directly(trained_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = RunDirectory(trained_run).latest_checkpoint()
+    assert (ckpt / "adapter_model.safetensors").is_file()
+    assert {"optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(ckpt))
+    cfg = model.peft_config["default"]
+    assert cfg.r == 16 and set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"}
+
+
+def test_training_uses_4bit_base_weights(workspace):
+    import bitsandbytes as bnb
+
+    from engine.config import load_recipe
+    from engine.trainer import Trainer
+
+    _, recipe = load_recipe("demo.yaml", ["model.path=models/tiny-chat", "data.data_path=data/personal_assistant.jsonl"])
+    t = Trainer(recipe, RunDirectory(workspace / "r"))
+    t.setup()
+    kinds = {type(m) for m in t.model.modules()}
+    assert any(issubclass(k, bnb.nn.Linear4bit) for k in kinds)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in t.model.named_parameters())
+
+
+def test_chat_with_run_uses_its_template_and_answers_the_identity(trained_run, tiny_model, capsys):
+    assert run_cli("chat", tiny_model, "--adapter", trained_run, "--prompt", "请做一下自我介绍") == 0
+    assert capsys.readouterr().out.strip() == IDENTITY
+    assert run_cli("chat", tiny_model, "--template", "internlm2_chat", "--prompt", "请做一下自我介绍",
+                   "--max-new-tokens", "30") == 0
+    assert NAME not in capsys.readouterr().out
+
+
+def test_interactive_chat_keeps_history_reset_and_exit(trained_run, tiny_model, monkeypatch, capsys):
+    from engine.chat import ChatSession, load_for_chat
+
+    s = ChatSession(load_for_chat(str(tiny_model), str(trained_run)))
+    assert s.answer("你是谁") == IDENTITY
+    assert len(s.history) == 2
+    s.reset()
+    assert s.history == []
+    feed = iter(["你是谁", "RESET", "EXIT"])
+    monkeypatch.setattr("builtins.input", lambda *_: next(feed))
+    assert run_cli("chat", tiny_model, "--adapter", trained_run) == 0
+    out = capsys.readouterr().out
+    assert IDENTITY in out and "history cleared" in out
+
+
+def test_merge_answers_like_base_plus_adapter(trained_run, tiny_model, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert run_cli("merge", tiny_model, trained_run, out, "--max-shard-size", "200KB") == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1                  # sharded
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ckpt = RunDirectory(trained_run).latest_checkpoint()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), str(ckpt)).eval()
+    ids = torch.randint(10, 600, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    assert run_cli("chat", out, "--template", "internlm2_chat", "--prompt", "请做一下自我介绍") == 0
+    merged_answer = capsys.readouterr().out.strip()
+    assert run_cli("chat", tiny_model, "--adapter", ckpt, "--prompt", "请做一下自我介绍") == 0
+    assert merged_answer == capsys.readouterr().out.strip()
+    assert run_cli("merge", tiny_model, trained_run, out) == 2              # never overwrites OUT
+
+
+def test_resume_continues_the_same_loss_curve(workspace):
+    """Uninterrupted run vs. the same run resumed from its step-5 checkpoint (dropout on, so the
+    RNG state matters): every later loss and the final adapter are identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    sets = ["--set", "max_steps=12", "--set", "save_steps=5", "--set", "save_total_limit=-1",
+            "--set", "lora.dropout=0.2", "--set", "evaluation_freq=4"]
+    assert run_cli("train", "demo.yaml", "--work-dir", "a", *sets) == 0
+    full = losses(workspace / "a")
+    final = load_file(str(workspace / "a" / "checkpoint-12" / "adapter_model.safetensors"))
+    assert run_cli("train", "demo.yaml", "--work-dir", "a", "--resume", "a/checkpoint-5", *sets) == 0
+    resumed = losses(workspace / "a")
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(6, 13)] == [full[s] for s in range(6, 13)]
+    again = load_file(str(workspace / "a" / "checkpoint-12" / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def _spawn_train(workspace: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "demo.yaml", *args],
+                            cwd=workspace, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(cond, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_kill_9_during_checkpoint_write_leaves_the_last_one_intact(workspace):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = workspace / "k"
+    proc = _spawn_train(workspace, "--work-dir", "k", "--set", "max_steps=12", "--set", "save_steps=4",
+                        "--set", "save_total_limit=-1", env={"TUNEDECK_FAULT_CHECKPOINT_DELAY": "2"})
+    try:
+        _wait_for(lambda: (run / ".checkpoint-8.tmp" / "adapter_model.safetensors").exists(), 240,
+                  "the second checkpoint write")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rd = RunDirectory(run)
+    assert [p.name for p in rd.checkpoints()] == ["checkpoint-4"]
+    assert rd.status()["state"] == "failed"                                # dead pid noticed
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(workspace / "models/tiny-chat")),
+                              str(run / "checkpoint-4"))                    # intact and loadable
+    assert run_cli("train", "demo.yaml", "--work-dir", "k", "--resume", "--set", "max_steps=12",
+                   "--set", "save_steps=4", "--set", "save_total_limit=-1") == 0
+    assert [p.name for p in rd.checkpoints()] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    assert not list(run.glob(".checkpoint-*")) and rd.status()["state"] == "finished"
+    assert sorted(losses(run)) == list(range(1, 13))
+
+
+def test_detach_survives_in_its_own_session_and_stop_saves_a_checkpoint(workspace, capsys):
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--detach", "--set",
+                          "max_steps=100000", "--set", "save_steps=100000"], cwd=workspace,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    run = Path(out.stdout.strip().splitlines()[-1])
+    rd = RunDirectory(run)
+    try:
+        _wait_for(lambda: rd.status().get("state") == "running" and rd.status().get("step", 0) >= 3, 240,
+                  "the detached run to take steps")
+        pid = rd.status()["pid"]
+        assert os.getsid(pid) == pid                                       # its own session
+        assert run_cli("runs", "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert any(r["run"] == str(run) and r["state"] == "running" for r in listed)
+        assert run_cli("stop", run) == 0
+    finally:
+        st = rd.status()
+        if st.get("state") == "running":
+            os.kill(st["pid"], signal.SIGKILL)
+    st = rd.status()
+    assert st["state"] == "stopped"
+    assert rd.latest_checkpoint().name == f"checkpoint-{st['step']}"
+    _wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2],
+              30, "the process to exit")
+    capsys.readouterr()
+    assert run_cli("runs") == 0
+    assert "stopped" in capsys.readouterr().out
+
+
+def test_tree_follows_symlinks_and_shows_sizes(workspace, capsys):
+    assert run_cli("tree", workspace) == 0
+    out = capsys.readouterr().out
+    assert "|-- models/" in out and "|-- tiny-chat/" in out and "-> " in out
+    assert "model.safetensors (" in out and "K)" in out
+    assert run_cli("tree", workspace / "nope") == 2
