@@ -212,10 +212,13 @@ class Trainer:
         cfg["gradient_accumulation_steps"] = t.accumulative_counts
         cfg["train_batch_size"] = t.batch_size * t.accumulative_counts * self.world
         cfg["gradient_clipping"] = t.max_norm
-        # bf16: DeepSpeed keeps fp32 LoRA weights and we autocast (no casting of 4-bit modules);
-        # fp16 GPUs: DeepSpeed's own fp16 with dynamic loss scaling.
+        # bf16: DeepSpeed keeps the fp32 LoRA weights and runs the forward under torch.autocast
+        # (its torch_autocast section; its own bf16 mode would cast the 4-bit modules), with
+        # gradients reduced in fp32; fp16 GPUs: DeepSpeed's fp16 with dynamic loss scaling.
         cfg["bf16"] = {"enabled": False}
         cfg.setdefault("fp16", {})["enabled"] = self.precision.amp == "fp16"
+        if self.precision.amp == "bf16":
+            cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
         return cfg
 
     def _resume(self, ckpt: Path) -> None:
