@@ -82,10 +82,11 @@ class DataSection(_Section):
         True, description="Pack several short samples into one max_length row (they never attend "
                           "to each other) to keep the GPU busy.")
     shuffle: bool = Field(True, description="Shuffle samples every epoch (seeded by seed).")
-    dataloader_num_workers: int = Field(0, ge=0, le=64, description="Worker processes loading batches.")
+    dataloader_num_workers: int = Field(
+        0, ge=0, le=64, description="Worker processes that tokenize the dataset (0 = in the trainer).")
     use_varlen_attn: bool = Field(
-        False, description="Padding-free packed rows (position ids restart per sample); "
-                           "attention stays block-diagonal.")
+        False, description="Kept for XTuner recipes: packed rows are always isolated here (position ids "
+                           "restart per sample, block-diagonal attention).")
 
     @field_validator("prompt_template")
     @classmethod

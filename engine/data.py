@@ -182,17 +182,29 @@ class TokenizedData:
 
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer: Any, template: str,
-                           max_length: int) -> TokenizedData:
+                           max_length: int, num_workers: int = 0) -> TokenizedData:
+    """Encode every conversation (each distinct one once: identity data repeats one record
+    10,000 times); ``num_workers`` > 0 spreads large datasets over processes."""
+    keys = [json.dumps(conv, ensure_ascii=False, sort_keys=True) for conv in conversations]
+    unique: dict[str, list[dict]] = {}
+    for k, conv in zip(keys, conversations):
+        unique.setdefault(k, conv)
+    try:
+        if num_workers > 0 and len(unique) >= 2000:
+            import multiprocessing as mp
+            from functools import partial
+
+            with mp.get_context("spawn").Pool(num_workers) as pool:
+                encoded = pool.map(partial(encode_conversation, tokenizer, template), list(unique.values()),
+                                   chunksize=256)
+        else:
+            encoded = [encode_conversation(tokenizer, template, c) for c in unique.values()]
+    except ValueError as e:
+        raise DataError(f"prompt_template {template!r}: {e}") from None
+    cache = dict(zip(unique, encoded))
     samples, lengths = [], []
     truncated = dropped = 0
-    cache: dict[str, tuple[list[int], list[int]]] = {}   # identity data repeats one record 10,000 times
-    for conv in conversations:
-        key = json.dumps(conv, ensure_ascii=False, sort_keys=True)
-        if key not in cache:
-            try:
-                cache[key] = encode_conversation(tokenizer, template, conv)
-            except ValueError as e:
-                raise DataError(f"prompt_template {template!r}: {e}") from None
+    for key in keys:
         ids, labels = cache[key]
         lengths.append(len(ids))
         if len(ids) > max_length:

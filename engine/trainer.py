@@ -11,6 +11,7 @@ as one big batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -129,7 +130,8 @@ class Trainer:
         if r.data.system:
             convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": r.data.system}, *c]
                      for c in convs]
-        tok = tokenize_conversations(convs, self.tokenizer, self.template, r.data.max_length)
+        tok = tokenize_conversations(convs, self.tokenizer, self.template, r.data.max_length,
+                                     r.data.dataloader_num_workers)
         if not tok.samples:
             raise UserError(f"data.data_path: {r.data.data_path}: no sample has an assistant token left "
                             f"after truncation to max_length {r.data.max_length}")
@@ -157,6 +159,9 @@ class Trainer:
         if quantized and not r.lora.enabled:
             raise UserError(f"model.quantization: {r.model.quantization!r} needs lora.enabled: true "
                             "(a quantized model cannot be fully fine-tuned); set quantization: none")
+        if quantized and r.train.deepspeed.startswith("zero3"):
+            raise UserError(f"train.deepspeed: {r.train.deepspeed!r} partitions the base weights and cannot "
+                            "hold bitsandbytes 4/8-bit ones; use zero2 or model.quantization: none")
         if quantized and self.precision.device == "cpu" and r.model.quantization == "8bit":
             raise UserError("model.quantization: '8bit' has no CPU backend in bitsandbytes; use 4bit or none")
         full = not r.lora.enabled
@@ -226,10 +231,13 @@ class Trainer:
         if state.get("total_steps") not in (None, self.total_steps):
             log.warning("checkpoint planned %s steps, this recipe plans %s", state.get("total_steps"),
                         self.total_steps)
-        self._load_weights(ckpt)
         if self.ds_engine is not None:
-            self.ds_engine.load_checkpoint(str(ckpt / "deepspeed"), load_module_strict=False)
+            # DeepSpeed's own checkpoint holds the trainable weights (partitioned under ZeRO-3)
+            path, _ = self.ds_engine.load_checkpoint(str(ckpt / "deepspeed"), load_module_strict=False)
+            if path is None:
+                raise UserError(f"{ckpt}: no DeepSpeed state in it; resume it without --deepspeed")
         else:
+            self._load_weights(ckpt)
             self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
             self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
             if self.scaler is not None and (ckpt / "scaler.pt").exists():
@@ -253,15 +261,16 @@ class Trainer:
                 raise UserError(f"{ckpt}: adapter does not fit this model "
                                 f"(unexpected {result.unexpected_keys[:3]})")
         else:
-            from transformers.modeling_utils import load_sharded_checkpoint
-
             files = sorted(ckpt.glob("model*.safetensors"))
-            if (ckpt / "model.safetensors.index.json").exists():
-                load_sharded_checkpoint(self.model, str(ckpt), strict=False)
-            elif files:
-                self.model.load_state_dict(load_file(str(files[0]), device=str(self.device)), strict=False)
-            else:
+            if not files:
                 raise UserError(f"{ckpt}: no model weights (model*.safetensors)")
+            state: dict[str, torch.Tensor] = {}
+            for f in files:
+                state.update(load_file(str(f), device=str(self.device)))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if "rotary" not in k]:
+                raise UserError(f"{ckpt}: weights do not fit this model "
+                                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
 
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -474,14 +483,22 @@ class Trainer:
         extra = None
         if self.ds_engine is not None:
             def extra(tmp: Path) -> None:
-                self.ds_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+                self.ds_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state",
+                                               exclude_frozen_parameters=True)
                 if self.world > 1:
                     torch.distributed.barrier()
-        path = save_checkpoint(self.run, self.pos.step, model=model, tokenizer=self.tokenizer,
-                               trainer_state=trainer_state, meta=self.meta(),
-                               optimizer=self.optimizer if self.ds_engine is None else None,
-                               scheduler=self.scheduler if self.ds_engine is None else None,
-                               scaler=self.scaler, extra_writer=extra, rank=self.rank)
+        gather: Any = contextlib.nullcontext()
+        if self.ds_engine is not None and self.ds_engine.zero_optimization_stage() == 3:
+            import deepspeed   # ZeRO-3 partitions the weights: gather what the checkpoint saves
+
+            params = self.trainable if self.recipe.lora.enabled else list(model.parameters())
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            path = save_checkpoint(self.run, self.pos.step, model=model, tokenizer=self.tokenizer,
+                                   trainer_state=trainer_state, meta=self.meta(),
+                                   optimizer=self.optimizer if self.ds_engine is None else None,
+                                   scheduler=self.scheduler if self.ds_engine is None else None,
+                                   scaler=self.scaler, extra_writer=extra, rank=self.rank)
         if self.rank == 0:
             removed = rotate_checkpoints(self.run, self.recipe.train.save_total_limit)
             log.info("saved %s%s", path.name, f" (removed {', '.join(p.name for p in removed)})" if removed else "")

@@ -103,3 +103,13 @@ def test_read_records_accepts_a_single_object_json(tmp_path):
     p = tmp_path / "one.json"
     p.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}')
     assert len(read_records(p)) == 1
+
+
+def test_tokenizing_in_worker_processes_gives_the_same_samples(tokenizer):
+    from engine.data import tokenize_conversations
+
+    convs = [[{"role": "user", "content": f"第{i}个问题"}, {"role": "assistant", "content": f"answer {i}"}]
+             for i in range(2000)]
+    one = tokenize_conversations(convs, tokenizer, "internlm2_chat", 64)
+    two = tokenize_conversations(convs, tokenizer, "internlm2_chat", 64, num_workers=2)
+    assert one.samples == two.samples and len(one.samples) == 2000
