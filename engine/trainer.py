@@ -550,6 +550,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _NoTraceback(logging.Formatter):
+    """The console gets one line per event; tracebacks go to train.log only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.exc_info = record.exc_text = record.stack_info = None
+        return super().format(record)
+
+
 def setup_logging(run: RunDirectory, console: bool, rank: int = 0) -> None:
     root = logging.getLogger("tunedeck")
     root.setLevel(logging.INFO)
@@ -564,7 +573,7 @@ def setup_logging(run: RunDirectory, console: bool, rank: int = 0) -> None:
     root.addHandler(fh)
     if console:
         sh = logging.StreamHandler(sys.stdout)
-        sh.setFormatter(fmt)
+        sh.setFormatter(_NoTraceback("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         root.addHandler(sh)
     root.propagate = False
 

@@ -239,3 +239,28 @@ def test_tree_follows_symlinks_and_shows_sizes(workspace, capsys):
     assert "|-- models/" in out and "|-- tiny-chat/" in out and "-> " in out
     assert "model.safetensors (" in out and "K)" in out
     assert run_cli("tree", workspace / "nope") == 2
+
+
+def test_a_crash_fails_the_run_with_a_one_line_reason(workspace, monkeypatch, capsys):
+    from engine import trainer
+
+    def boom(self, batches):
+        raise RuntimeError("simulated crash in step")
+
+    monkeypatch.setattr(trainer.Trainer, "_train_step", boom)
+    rc = run_cli("train", "demo.yaml", "--work-dir", "crash", "--set", "evaluation_inputs=[]")
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert [ln for ln in err.splitlines() if "Traceback" in ln or ln.startswith(("error", "Error"))] == [
+        f"error: training failed: RuntimeError: simulated crash in step (see {workspace / 'crash' / 'train.log'})"]
+    assert "Traceback" not in out + err
+    st = RunDirectory(workspace / "crash").status()
+    assert st["state"] == "failed" and st["error"] == "RuntimeError: simulated crash in step"
+    assert "Traceback" in (workspace / "crash" / "train.log").read_text()       # the details are kept
+
+
+def test_tensorboard_events_when_installed(workspace):
+    pytest.importorskip("tensorboard")
+    assert run_cli("train", "demo.yaml", "--work-dir", "tb", "--set", "max_steps=3",
+                   "--set", "evaluation_inputs=[]") == 0
+    assert list((workspace / "tb" / "tensorboard").glob("events.out.tfevents.*"))
