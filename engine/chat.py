@@ -87,3 +87,58 @@ class ChatSession:
 
     def answer(self, prompt: str) -> str:
         return "".join(self.ask(prompt))
+
+
+@dataclass
+class RemoteChatSession:
+    """The same conversation loop against a running ``tunedeck serve`` (or any OpenAI API)."""
+
+    url: str
+    model: str
+    params: GenerationParams = field(default_factory=GenerationParams)
+    api_key: str | None = None
+    system: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def ask(self, prompt: str) -> Iterator[str]:
+        import json
+
+        import httpx
+
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs += self.history + [{"role": "user", "content": prompt}]
+        body = {"model": self.model, "messages": msgs, "stream": True, "max_tokens": self.params.max_new_tokens,
+                "temperature": self.params.temperature, "top_p": self.params.top_p, "top_k": self.params.top_k,
+                "repetition_penalty": self.params.repetition_penalty}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        base = self.url.rstrip("/").removesuffix("/v1")
+        answer = []
+        try:
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers,
+                              timeout=httpx.Timeout(10.0, read=600.0)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    try:
+                        msg = r.json()["error"]["message"]
+                    except Exception:
+                        msg = r.text[:200]
+                    raise UserError(f"--url {self.url}: HTTP {r.status_code}: {msg}")
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise UserError(f"--url {self.url}: {chunk['error']['message']}")
+                    piece = chunk["choices"][0]["delta"].get("content")
+                    if piece:
+                        answer.append(piece)
+                        yield piece
+        except httpx.HTTPError as e:
+            raise UserError(f"--url {self.url}: cannot reach the service ({type(e).__name__})") from None
+        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(answer)}]
+
+    def answer(self, prompt: str) -> str:
+        return "".join(self.ask(prompt))

@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--url", help="talk to a running `tunedeck serve` (MODEL is then a served name: base or an adapter)")
+    p.add_argument("--api-key", default=os.environ.get("TUNEDECK_API_KEY"), help="bearer token for --url")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API and web chat: one base model, many adapters")
+    p.add_argument("model")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a checkpoint or run directory as NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TUNEDECK_API_KEY"), help="require this bearer token")
+    p.add_argument("--bits", type=int, choices=(4, 8))
+    p.add_argument("--template", help="prompt template of the base (adapters bring their own)")
+    p.add_argument("--system", help="system prompt of the base")
+    p.add_argument("--trust-remote-code", action="store_true")
 
     p = sub.add_parser("merge", help="merge an adapter into its base model")
     p.add_argument("base")
@@ -396,7 +410,6 @@ def cmd_stop(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import ChatSession, load_for_chat
     from .generation import GenerationParams
 
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -404,16 +417,24 @@ def cmd_chat(args) -> int:
     problems = params.validate()
     if problems:
         raise UserError(*[f"--{p.replace('_', '-')}" for p in problems])
-    loaded = load_for_chat(args.model, args.adapter, template=args.template, system=args.system, bits=args.bits,
-                           trust_remote_code=args.trust_remote_code)
-    session = ChatSession(loaded, params)
+    if args.url:
+        from .chat import RemoteChatSession
+
+        session = RemoteChatSession(args.url, args.model, params, api_key=args.api_key, system=args.system)
+        source = f"{args.model} at {args.url}"
+    else:
+        from .chat import ChatSession, load_for_chat
+
+        loaded = load_for_chat(args.model, args.adapter, template=args.template, system=args.system,
+                               bits=args.bits, trust_remote_code=args.trust_remote_code)
+        session = ChatSession(loaded, params)
+        source = f"{loaded.source} (template {loaded.template})"
     if args.prompt is not None:
         for piece in session.ask(args.prompt):
             print(piece, end="", flush=True)
         print()
         return 0
-    print(f"chatting with {loaded.source} (template {loaded.template}); EXIT quits, RESET clears history",
-          file=sys.stderr)
+    print(f"chatting with {source}; EXIT quits, RESET clears history", file=sys.stderr)
     while True:
         try:
             prompt = input(">>> ")
@@ -431,6 +452,17 @@ def cmd_chat(args) -> int:
         for piece in session.ask(prompt):
             print(piece, end="", flush=True)
         print()
+
+
+def cmd_serve(args) -> int:
+    from .inference import parse_adapter_args
+    from .server import serve
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: {args.port} is not allowed: use 1-65535")
+    return serve(args.model, adapters=parse_adapter_args(args.adapter), host=args.host, port=args.port,
+                 api_key=args.api_key, bits=args.bits, template=args.template, system=args.system,
+                 trust_remote_code=args.trust_remote_code, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def cmd_merge(args) -> int:
@@ -458,7 +490,7 @@ def cmd_demo(args) -> int:
 
 VERBS = {
     "list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "data": cmd_data, "train": cmd_train,
-    "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "merge": cmd_merge, "tree": cmd_tree,
+    "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "tree": cmd_tree,
     "demo": cmd_demo, "_worker": cmd_worker,
 }
 

@@ -69,6 +69,41 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+class IncrementalText:
+    """Turns generated token ids into text deltas: waits for whole characters, holds back a tail
+    that may be the start of a stop word, and cuts at the first stop word."""
+
+    def __init__(self, tokenizer: Any, stop_words: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = [w for w in stop_words if w]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        hit = _find_stop(text, self.stops)
+        if hit is not None:
+            self.stopped = True
+            return self._emit(text[:hit])
+        if text.endswith("\ufffd"):   # half of a multi-byte character
+            return ""
+        return self._emit(text[: len(text) - _partial_stop_len(text, self.stops)])
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=False))
+
+    def _emit(self, upto: str) -> str:
+        if len(upto) <= len(self.emitted) or not upto.startswith(self.emitted):
+            return ""
+        delta = upto[len(self.emitted):]
+        self.emitted = upto
+        return delta
+
+
 @torch.inference_mode()
 def stream_generate(model: Any, tokenizer: Any, input_ids: list[int], params: GenerationParams,
                     stop_ids: list[int] | None = None, seed: int | None = None) -> Iterator[str]:
@@ -83,34 +118,23 @@ def stream_generate(model: Any, tokenizer: Any, input_ids: list[int], params: Ge
     out = model(input_ids=ids, use_cache=True)
     past = _cache_of(out)
     logits = out.logits[0, -1]
-    generated: list[int] = []
-    emitted = ""
+    text = IncrementalText(tokenizer, params.stop)
     for _ in range(params.max_new_tokens):
-        seen = torch.tensor(input_ids + generated, device=logits.device)
-        tok = _next_token(logits.cpu() if generator is not None else logits,
-                          seen.cpu() if generator is not None else seen, params, generator)
+        seen = torch.tensor(input_ids + text.ids, device=logits.device)
+        tok = _next_token(logits.float().cpu(), seen.cpu(), params, generator)
         if tok in stop_set:
             break
-        generated.append(tok)
-        text = tokenizer.decode(generated, skip_special_tokens=False)
-        hit = _find_stop(text, params.stop)
-        if hit is not None:
-            text = text[:hit]
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
+        delta = text.push(tok)
+        if delta:
+            yield delta
+        if text.stopped:
             return
-        if not text.endswith("\ufffd") and len(text) > len(emitted):   # wait for whole characters
-            # hold back a tail that could be the start of a stop word
-            safe = len(text) - _partial_stop_len(text, params.stop)
-            if safe > len(emitted):
-                yield text[len(emitted):safe]
-                emitted = text[:safe]
         out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{cache_arg: past})
         past = _cache_of(out)
         logits = out.logits[0, -1]
-    text = tokenizer.decode(generated, skip_special_tokens=False)
-    if len(text) > len(emitted):
-        yield text[len(emitted):]
+    delta = text.flush()
+    if delta:
+        yield delta
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

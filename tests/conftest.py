@@ -55,3 +55,18 @@ def run_cli(*args: str) -> int:
     from engine.cli import main
 
     return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model, identity_file) -> Path:
+    """One 4-bit QLoRA run of the demo recipe, shared by the chat, merge and serve tests."""
+    ws = tmp_path_factory.mktemp("trained")
+    old = os.getcwd()
+    os.chdir(ws)
+    try:
+        rc = run_cli("train", REPO / "configs/demo/demo_tiny_qlora_self.yaml", "--work-dir", ws / "run",
+                     "--set", f"model.path={tiny_model}", "--set", f"data.data_path={identity_file}")
+    finally:
+        os.chdir(old)
+    assert rc == 0
+    return ws / "run"

@@ -25,21 +25,6 @@ def losses(run: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in RunDirectory(run).metrics()}
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_model, identity_file) -> Path:
-    """One 4-bit QLoRA run of the demo recipe, shared by the chat and merge tests."""
-    ws = tmp_path_factory.mktemp("trained")
-    old = os.getcwd()
-    os.chdir(ws)
-    try:
-        rc = run_cli("train", REPO / "configs/demo/demo_tiny_qlora_self.yaml", "--work-dir", ws / "run",
-                     "--set", f"model.path={tiny_model}", "--set", f"data.data_path={identity_file}")
-    finally:
-        os.chdir(old)
-    assert rc == 0
-    return ws / "run"
-
-
 def test_demo_learns_the_identity_and_the_base_does_not(tmp_path, capsys):
     assert run_cli("demo", "--dir", tmp_path / "ws", "--name", NAME, "--no-tui") == 0
     out = capsys.readouterr().out

@@ -1,0 +1,267 @@
+"""One copy of the base weights serving the base model and any number of LoRA adapters.
+
+Requests that arrive together are generated together: one batched forward per token, each row
+with its own adapter (peft's mixed-adapter batches, ``adapter_names``) and its own sampling
+settings. A batch runs on one worker thread; requests that come while it runs form the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import resolve_checkpoint
+from .errors import UserError
+from .generation import GenerationParams, IncrementalText, _cache_arg, _cache_of, _next_token
+from .modeling import load_model, load_tokenizer, pick_precision, read_adapter_meta
+from .templates import TEMPLATE_NAMES, encode_prompt, resolve_template_name, stop_token_ids, stop_words
+
+log = logging.getLogger("tunedeck.serve")
+BASE = "base"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: str
+    template: str
+    system: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class GenRequest:
+    model: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    stop_ids: set[int]
+    emit: Callable[[tuple], None]          # ("delta", text) | ("done", finish_reason, usage) | ("error", msg)
+    seed: int | None = None
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelHost:
+    def __init__(self, base_path: str, *, bits: int | None = None, template: str | None = None,
+                 system: str | None = None, trust_remote_code: bool = False):
+        if template not in (None, "auto") and template not in TEMPLATE_NAMES:
+            raise UserError(f"--template: {template!r} is unknown; choose one of: auto, {', '.join(TEMPLATE_NAMES)}")
+        self.base_path = base_path
+        self.precision = pick_precision()
+        self.tokenizer = load_tokenizer(base_path, trust_remote_code)
+        quant = {4: "4bit", 8: "8bit"}.get(bits or 0, "none")
+        self.model: Any = load_model(base_path, quantization=quant, precision=self.precision,
+                                     trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.has_peft = False
+        base_template = resolve_template_name(template or "auto", self.tokenizer)
+        self.models: dict[str, ServedModel] = {BASE: ServedModel(BASE, base_path, base_template, system or "")}
+        self.lock = threading.RLock()      # adapters change only between batches
+        cfg = getattr(self.model, "config", None)
+        self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+        self.device = next(self.model.parameters()).device
+
+    # -- adapters
+    def add_adapter(self, name: str, path: str, template: str | None = None, system: str | None = None) -> ServedModel:
+        if not name or name == BASE or "/" in name:
+            raise UserError(f"adapter name {name!r} is not allowed (empty, 'base' or with '/')")
+        ckpt = resolve_checkpoint(path)
+        if not (ckpt / "adapter_config.json").is_file():
+            raise UserError(f"{ckpt}: not a LoRA adapter (no adapter_config.json)")
+        meta = read_adapter_meta(ckpt)
+        with self.lock:
+            if name in self.models:
+                self.remove_adapter(name)
+            try:
+                if not self.has_peft:
+                    from peft import PeftModel
+
+                    self.model = PeftModel.from_pretrained(self.model, str(ckpt), adapter_name=name)
+                    self.has_peft = True
+                else:
+                    self.model.load_adapter(str(ckpt), adapter_name=name)
+            except Exception as e:
+                raise UserError(f"{ckpt}: adapter does not fit {self.base_path} ({type(e).__name__})") from None
+            self.model.eval()
+            tname = resolve_template_name(template or meta.get("prompt_template") or "auto", self.tokenizer)
+            sm = ServedModel(name, str(ckpt), tname, system if system is not None else meta.get("system", ""))
+            self.models[name] = sm
+            return sm
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            if name == BASE or name not in self.models:
+                raise KeyError(name)
+            self.model.delete_adapter(name)
+            del self.models[name]
+
+    # -- prompts
+    def encode(self, model: str, messages: list[dict]) -> tuple[list[int], list[str], set[int]]:
+        sm = self.models[model]
+        if sm.system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": sm.system}, *messages]
+        ids = encode_prompt(self.tokenizer, sm.template, messages)
+        return ids, stop_words(self.tokenizer, sm.template), set(stop_token_ids(self.tokenizer, sm.template))
+
+    # -- generation
+    @torch.inference_mode()
+    def run_batch(self, reqs: list[GenRequest]) -> None:
+        """Generate for every request of the batch, one forward per token for all rows."""
+        with self.lock:
+            self._run_batch(reqs)
+
+    def _run_batch(self, reqs: list[GenRequest]) -> None:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):                       # left padding: every row ends at the same column
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kw: dict[str, Any] = {}
+        if self.has_peft:
+            kw["adapter_names"] = [r.model if r.model != BASE else "__base__" for r in reqs]
+        cache_arg = _cache_arg(self.model)
+        autocast = torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
+                                  enabled=self.precision.autocast_dtype is not None)
+        with autocast:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        cache = _cache_of(out)
+        logits = out.logits[:, -1].float()
+        texts = [IncrementalText(tok, r.params.stop) for r in reqs]
+        gens = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in reqs]
+        done = [False] * len(reqs)
+        next_pos = pos[:, -1:] + 1
+        for step in range(max(r.params.max_new_tokens for r in reqs)):
+            nxt = torch.full((len(reqs), 1), pad, dtype=torch.long)
+            greedy = logits.argmax(-1).tolist()
+            for i, r in enumerate(reqs):
+                if done[i]:
+                    continue
+                if r.cancelled.is_set():
+                    done[i] = True
+                    continue
+                p = r.params
+                if p.temperature == 0 and p.repetition_penalty == 1.0:
+                    t = greedy[i]
+                else:
+                    seen = torch.tensor(r.prompt_ids + texts[i].ids)
+                    t = _next_token(logits[i].cpu(), seen, p, gens[i])
+                finish = None
+                if t in r.stop_ids:
+                    finish = "stop"
+                else:
+                    delta = texts[i].push(t)
+                    if delta:
+                        r.emit(("delta", delta))
+                    if texts[i].stopped:
+                        finish = "stop"
+                    elif len(texts[i].ids) >= p.max_new_tokens:
+                        finish = "length"
+                    nxt[i, 0] = t
+                if finish:
+                    if finish == "length":
+                        tail = texts[i].flush()
+                        if tail:
+                            r.emit(("delta", tail))
+                    done[i] = True
+                    r.emit(("done", finish, {"prompt_tokens": len(r.prompt_ids),
+                                             "completion_tokens": len(texts[i].ids),
+                                             "total_tokens": len(r.prompt_ids) + len(texts[i].ids)}))
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            with autocast:
+                out = self.model(input_ids=nxt.to(self.device), attention_mask=mask, position_ids=next_pos,
+                                 use_cache=True, **{cache_arg: cache}, **kw)
+            cache = _cache_of(out)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        for i, r in enumerate(reqs):       # cancelled rows still get a last word
+            if not done[i] or r.cancelled.is_set():
+                r.emit(("done", "cancelled" if r.cancelled.is_set() else "length", None))
+
+
+class Scheduler:
+    """Collects requests for a short window, then runs them as one batch on a worker thread."""
+
+    def __init__(self, host: ModelHost, *, window_s: float = 0.02, max_batch: int = 16):
+        self.host = host
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self._pending: list[GenRequest] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self.stats = {"batches": 0, "requests": 0, "max_rows": 0, "cancelled": 0, "errors": 0, "busy": False}
+        self._thread = threading.Thread(target=self._loop, name="tunedeck-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: GenRequest) -> None:
+        with self._cv:
+            self._pending.append(req)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            for r in self._pending:
+                r.cancelled.set()
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            time.sleep(self.window_s)        # let the other side of a comparison arrive
+            with self._cv:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            if not batch:
+                continue
+            self.stats["busy"] = True
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(batch)
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
+            try:
+                self.host.run_batch(batch)
+            except Exception as e:   # this batch fails; the service goes on
+                self.stats["errors"] += 1
+                log.exception("generation failed")
+                msg = f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                for r in batch:
+                    r.emit(("error", msg))
+            finally:
+                self.stats["cancelled"] += sum(r.cancelled.is_set() for r in batch)
+                self.stats["busy"] = False
+
+
+def served_list(host: ModelHost) -> list[dict]:
+    return [{"id": m.name, "object": "model", "created": m.created, "owned_by": "tunedeck",
+             "path": m.path, "template": m.template, "system": m.system} for m in host.models.values()]
+
+
+def parse_adapter_args(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            name = Path(item.rstrip("/")).name
+            out.append((name, item))
+        else:
+            name, path = item.split("=", 1)
+            out.append((name.strip(), path.strip()))
+    return out

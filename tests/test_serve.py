@@ -1,0 +1,250 @@
+"""The inference service: OpenAI-compatible, base and adapters side by side from one copy of the
+weights, requests that arrive together generated together, and every bad input answered clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from conftest import NAME, run_cli
+
+from engine.identity import DEFAULT_ANSWER
+
+IDENTITY = DEFAULT_ANSWER.format(name=NAME)
+KEY = "sk-test-key"
+ASK = [{"role": "user", "content": "请做一下自我介绍"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, trained_run):
+    import uvicorn
+
+    from engine.inference import ModelHost
+    from engine.server import build_app
+
+    host = ModelHost(str(tiny_model), template="internlm2_chat")
+    host.add_adapter("tuned", str(trained_run))
+    app = build_app(host, api_key=KEY)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", host=host, sched=app.state.scheduler, run=trained_run)
+    srv.should_exit = True
+    thread.join(10)
+
+
+def auth(extra: dict | None = None) -> dict:
+    return {"Authorization": f"Bearer {KEY}", **(extra or {})}
+
+
+def post(server, body, headers=None, raw: bytes | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", headers=headers if headers is not None else auth(),
+                      content=raw if raw is not None else json.dumps(body), timeout=60)
+
+
+def test_openai_client_streams_base_and_adapter_answers(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+    assert {m.id for m in client.models.list()} == {"base", "tuned"}
+
+    def stream(model):
+        chunks = list(client.chat.completions.create(model=model, messages=ASK, stream=True, temperature=0))
+        return "".join(c.choices[0].delta.content or "" for c in chunks), chunks
+
+    tuned, chunks = stream("tuned")
+    assert tuned == IDENTITY
+    assert len(chunks) > 4 and chunks[-1].choices[0].finish_reason == "stop"
+    base, _ = stream("base")
+    assert base != tuned and not base.startswith("我是")
+    full = client.chat.completions.create(model="tuned", messages=ASK, temperature=0)
+    assert full.choices[0].message.content == IDENTITY and full.usage.completion_tokens > 0
+
+
+def test_base_and_tuned_requested_together_are_generated_in_one_batch(server):
+    before = dict(server.sched.stats)
+    barrier = threading.Barrier(2)
+    answers = {}
+
+    def ask(model):
+        barrier.wait()
+        r = post(server, {"model": model, "messages": ASK, "temperature": 0, "max_tokens": 40})
+        answers[model] = r.json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in ("base", "tuned")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert answers["tuned"] == IDENTITY and answers["base"] != IDENTITY
+    assert server.sched.stats["batches"] == before["batches"] + 1        # one batch, two rows
+    assert server.sched.stats["max_rows"] >= 2
+
+
+@pytest.mark.parametrize("body, raw, status, expect", [
+    ({"model": "nope", "messages": ASK}, None, 404, "The model 'nope' does not exist"),
+    (None, b"{not json", 400, "not valid JSON"),
+    ({"model": "base", "messages": ASK, "temperature": "hot"}, None, 400, "temperature"),
+    ({"model": "base", "messages": []}, None, 400, "messages"),
+    ({"model": "base", "messages": [{"role": "robot", "content": "x"}]}, None, 400, "messages.0.role"),
+    ({"model": "base", "messages": ASK, "max_tokens": 0}, None, 400, "max_tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": "你好" * 3000}]}, None, 400, "context is 2048 tokens"),
+    ({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None, 400, "image_url"),
+])
+def test_bad_requests_get_openai_style_errors(server, body, raw, status, expect):
+    r = post(server, body, raw=raw)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert expect in err["message"] or expect == err.get("param")
+    assert err["type"]
+
+
+def test_api_key_is_required(server):
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert post(server, {"model": "base", "messages": ASK}, headers={}).status_code == 401
+    assert httpx.get(f"{server.url}/health", headers=auth()).json()["status"] == "ok"
+    assert httpx.get(f"{server.url}/").status_code == 200               # the page itself; it asks for the key
+
+
+def test_client_that_disconnects_stops_its_generation(server):
+    before = server.sched.stats["cancelled"]
+    body = {"model": "base", "messages": ASK, "stream": True, "max_tokens": 1900, "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=auth(), json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    t0 = time.time()
+    while (server.sched.stats["busy"] or server.sched.stats["cancelled"] == before) and time.time() - t0 < 20:
+        time.sleep(0.05)
+    assert server.sched.stats["cancelled"] == before + 1
+    assert not server.sched.stats["busy"]
+    assert post(server, {"model": "tuned", "messages": ASK, "temperature": 0}).status_code == 200
+
+
+def test_an_exception_in_generation_fails_that_request_only(server, monkeypatch):
+    real = server.host._run_batch
+    calls = {"n": 0}
+
+    def flaky(reqs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated CUDA error")
+        return real(reqs)
+
+    monkeypatch.setattr(server.host, "_run_batch", flaky)
+    r = post(server, {"model": "base", "messages": ASK})
+    assert r.status_code == 500 and "simulated CUDA error" in r.json()["error"]["message"]
+    ok = post(server, {"model": "tuned", "messages": ASK, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == IDENTITY
+
+
+def test_adapters_are_added_and_removed_while_serving(server):
+    r = httpx.post(f"{server.url}/v1/adapters", headers=auth(), json={"name": "again", "path": str(server.run)})
+    assert r.status_code == 200 and r.json()["template"] == "internlm2_chat"
+    models = {m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=auth()).json()["data"]}
+    assert models == {"base", "tuned", "again"}
+    r = post(server, {"model": "again", "messages": ASK, "temperature": 0})
+    assert r.json()["choices"][0]["message"]["content"] == IDENTITY
+    assert httpx.delete(f"{server.url}/v1/adapters/again", headers=auth()).status_code == 200
+    assert post(server, {"model": "again", "messages": ASK}).status_code == 404
+    bad = httpx.post(f"{server.url}/v1/adapters", headers=auth(), json={"name": "x", "path": "/no/such/dir"})
+    assert bad.status_code == 400 and "/no/such/dir" in bad.json()["error"]["message"]
+    assert httpx.delete(f"{server.url}/v1/adapters/base", headers=auth()).status_code == 404
+
+
+def test_chat_cli_talks_to_the_service(server, capsys):
+    assert run_cli("chat", "tuned", "--url", server.url, "--api-key", KEY, "--prompt", "请做一下自我介绍") == 0
+    assert capsys.readouterr().out.strip() == IDENTITY
+    assert run_cli("chat", "nope", "--url", server.url, "--api-key", KEY, "--prompt", "hi") == 2
+    assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_serve_binds_loopback_and_shuts_down_cleanly_on_sigterm(tiny_model, trained_run):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", str(tiny_model), "--adapter",
+                             f"tuned={trained_run}", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("service did not come up")
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in proc.stdout.read()
+
+
+def test_web_page_compare_mode_streams_two_answers(server, tmp_path):
+    """Headless Chromium (Debian's chromium + chromedriver, driven by selenium) types one prompt in
+    compare mode and sees the base and the tuned answers stream into two columns."""
+    if not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,800"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        driver.get(server.url + "/")
+        key = driver.find_element(By.ID, "apikey")
+        key.send_keys(KEY)
+        driver.execute_script("loadModels()")
+        WebDriverWait(driver, 20).until(
+            lambda d: d.execute_script("return document.getElementById('right').options.length") == 2)
+        assert driver.execute_script("return [left.value, right.value]") == ["base", "tuned"]
+        driver.execute_script("""
+            window.updates = {logLeft: 0, logRight: 0};
+            for (const id of ['logLeft', 'logRight']) {
+              new MutationObserver((ms) => { window.updates[id] += ms.length; })
+                .observe(document.getElementById(id), {childList: true, subtree: true, characterData: true});
+            }""")
+        driver.find_element(By.ID, "prompt").send_keys("请做一下自我介绍")
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+            "return document.querySelectorAll('.msg.assistant[data-done=\"1\"]').length") == 2)
+        left, right = driver.execute_script(
+            "return ['logLeft','logRight'].map(id => document.querySelector('#' + id + ' .msg.assistant').textContent)")
+        updates = driver.execute_script("return window.updates")
+        driver.save_screenshot(str(tmp_path / "compare.png"))
+    finally:
+        driver.quit()
+    assert right == IDENTITY
+    assert left and left != IDENTITY
+    assert updates["logLeft"] > 3 and updates["logRight"] > 3          # streamed, not set once
