@@ -20,7 +20,8 @@ import torch
 
 from .checkpoint import resolve_checkpoint
 from .errors import UserError
-from .generation import GenerationParams, IncrementalText, _cache_arg, _cache_of, _next_token
+from .generation import GenerationParams, IncrementalText
+from .multilora import MultiLora
 from .modeling import load_model, load_tokenizer, pick_precision, read_adapter_meta
 from .templates import TEMPLATE_NAMES, encode_prompt, resolve_template_name, stop_token_ids, stop_words
 
@@ -51,7 +52,7 @@ class GenRequest:
 
 class ModelHost:
     def __init__(self, base_path: str, *, bits: int | None = None, template: str | None = None,
-                 system: str | None = None, trust_remote_code: bool = False):
+                 system: str | None = None, trust_remote_code: bool = False, compile_decode: bool = True):
         if template not in (None, "auto") and template not in TEMPLATE_NAMES:
             raise UserError(f"--template: {template!r} is unknown; choose one of: auto, {', '.join(TEMPLATE_NAMES)}")
         self.base_path = base_path
@@ -61,7 +62,10 @@ class ModelHost:
         self.model: Any = load_model(base_path, quantization=quant, precision=self.precision,
                                      trust_remote_code=trust_remote_code)
         self.model.eval()
-        self.has_peft = False
+        self.lora: MultiLora | None = None
+        self.stats_tokens = 0
+        # On a GPU, decode steps run on a static KV cache that transformers compiles into CUDA graphs.
+        self.static_cache = self.device_is_cuda() and compile_decode and quant == "none"
         base_template = resolve_template_name(template or "auto", self.tokenizer)
         self.models: dict[str, ServedModel] = {BASE: ServedModel(BASE, base_path, base_template, system or "")}
         self.lock = threading.RLock()      # adapters change only between batches
@@ -78,19 +82,12 @@ class ModelHost:
             raise UserError(f"{ckpt}: not a LoRA adapter (no adapter_config.json)")
         meta = read_adapter_meta(ckpt)
         with self.lock:
-            if name in self.models:
-                self.remove_adapter(name)
+            if self.lora is None:
+                self.lora = MultiLora(self.model, dtype=self.precision.autocast_dtype or torch.float32)
             try:
-                if not self.has_peft:
-                    from peft import PeftModel
-
-                    self.model = PeftModel.from_pretrained(self.model, str(ckpt), adapter_name=name)
-                    self.has_peft = True
-                else:
-                    self.model.load_adapter(str(ckpt), adapter_name=name)
-            except Exception as e:
-                raise UserError(f"{ckpt}: adapter does not fit {self.base_path} ({type(e).__name__})") from None
-            self.model.eval()
+                self.lora.load(name, ckpt)
+            except (ValueError, KeyError, OSError) as e:
+                raise UserError(f"{ckpt}: adapter does not fit {self.base_path} ({e})") from None
             tname = resolve_template_name(template or meta.get("prompt_template") or "auto", self.tokenizer)
             sm = ServedModel(name, str(ckpt), tname, system if system is not None else meta.get("system", ""))
             self.models[name] = sm
@@ -100,8 +97,11 @@ class ModelHost:
         with self.lock:
             if name == BASE or name not in self.models:
                 raise KeyError(name)
-            self.model.delete_adapter(name)
+            self.lora.remove(name)
             del self.models[name]
+
+    def device_is_cuda(self) -> bool:
+        return next(self.model.parameters()).device.type == "cuda"
 
     # -- prompts
     def encode(self, model: str, messages: list[dict]) -> tuple[list[int], list[str], set[int]]:
@@ -119,6 +119,9 @@ class ModelHost:
             self._run_batch(reqs)
 
     def _run_batch(self, reqs: list[GenRequest]) -> None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         width = max(len(r.prompt_ids) for r in reqs)
@@ -127,70 +130,78 @@ class ModelHost:
         for i, r in enumerate(reqs):                       # left padding: every row ends at the same column
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        kw: dict[str, Any] = {}
-        if self.has_peft:
-            kw["adapter_names"] = [r.model if r.model != BASE else "__base__" for r in reqs]
-        cache_arg = _cache_arg(self.model)
-        autocast = torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
-                                  enabled=self.precision.autocast_dtype is not None)
-        with autocast:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        cache = _cache_of(out)
-        logits = out.logits[:, -1].float()
+        if self.lora is not None:
+            self.lora.set_rows([r.model if r.model != BASE else None for r in reqs])
         texts = [IncrementalText(tok, r.params.stop) for r in reqs]
-        gens = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in reqs]
-        done = [False] * len(reqs)
-        next_pos = pos[:, -1:] + 1
-        for step in range(max(r.params.max_new_tokens for r in reqs)):
-            nxt = torch.full((len(reqs), 1), pad, dtype=torch.long)
-            greedy = logits.argmax(-1).tolist()
-            for i, r in enumerate(reqs):
-                if done[i]:
-                    continue
-                if r.cancelled.is_set():
-                    done[i] = True
-                    continue
-                p = r.params
-                if p.temperature == 0 and p.repetition_penalty == 1.0:
-                    t = greedy[i]
-                else:
-                    seen = torch.tensor(r.prompt_ids + texts[i].ids)
-                    t = _next_token(logits[i].cpu(), seen, p, gens[i])
-                finish = None
-                if t in r.stop_ids:
-                    finish = "stop"
-                else:
+        finished = torch.zeros(len(reqs), dtype=torch.bool)
+        host = self
+
+        def finish(i: int, reason: str) -> None:
+            if finished[i]:
+                return
+            finished[i] = True
+            if reason == "length":
+                tail = texts[i].flush()
+                if tail:
+                    reqs[i].emit(("delta", tail))
+            n = len(texts[i].ids)
+            reqs[i].emit(("done", reason, {"prompt_tokens": len(reqs[i].prompt_ids), "completion_tokens": n,
+                                           "total_tokens": len(reqs[i].prompt_ids) + n}))
+
+        class RowStreamer(BaseStreamer):
+            """Routes each step's new token of every row to that row's request."""
+
+            def __init__(self):
+                self.prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:        # generate first hands over the prompt
+                    self.prompt_seen = True
+                    return
+                host.stats_tokens += int((~finished).sum())
+                for i, t in enumerate(value.reshape(-1).tolist()):
+                    r = reqs[i]
+                    if finished[i]:
+                        continue
+                    if r.cancelled.is_set():
+                        finish(i, "cancelled")
+                        continue
+                    if t in r.stop_ids:
+                        finish(i, "stop")
+                        continue
                     delta = texts[i].push(t)
                     if delta:
                         r.emit(("delta", delta))
                     if texts[i].stopped:
-                        finish = "stop"
-                    elif len(texts[i].ids) >= p.max_new_tokens:
-                        finish = "length"
-                    nxt[i, 0] = t
-                if finish:
-                    if finish == "length":
-                        tail = texts[i].flush()
-                        if tail:
-                            r.emit(("delta", tail))
-                    done[i] = True
-                    r.emit(("done", finish, {"prompt_tokens": len(r.prompt_ids),
-                                             "completion_tokens": len(texts[i].ids),
-                                             "total_tokens": len(r.prompt_ids) + len(texts[i].ids)}))
-            if all(done):
-                break
-            mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            with autocast:
-                out = self.model(input_ids=nxt.to(self.device), attention_mask=mask, position_ids=next_pos,
-                                 use_cache=True, **{cache_arg: cache}, **kw)
-            cache = _cache_of(out)
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
-        for i, r in enumerate(reqs):       # cancelled rows still get a last word
-            if not done[i] or r.cancelled.is_set():
-                r.emit(("done", "cancelled" if r.cancelled.is_set() else "length", None))
+                        finish(i, "stop")
+                    elif len(texts[i].ids) >= r.params.max_new_tokens:
+                        finish(i, "length")
+
+            def end(self) -> None:
+                for i in range(len(reqs)):
+                    finish(i, "cancelled" if reqs[i].cancelled.is_set() else "length")
+
+        class RowsDone(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                for i, r in enumerate(reqs):      # a client that left stops its row at once
+                    if r.cancelled.is_set() and not finished[i]:
+                        finish(i, "cancelled")
+                return finished.to(input_ids.device).clone()
+
+        p = reqs[0].params
+        sample = p.temperature > 0
+        kw = dict(max_new_tokens=max(r.params.max_new_tokens for r in reqs), do_sample=sample,
+                  temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
+                  top_k=(p.top_k or None) if sample else None, repetition_penalty=p.repetition_penalty,
+                  pad_token_id=pad, eos_token_id=None, streamer=RowStreamer(),
+                  stopping_criteria=StoppingCriteriaList([RowsDone()]))
+        if self.static_cache:
+            kw["cache_implementation"] = "static"
+        if sample and reqs[0].seed is not None:
+            torch.manual_seed(reqs[0].seed)
+        with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
+                            enabled=self.precision.autocast_dtype is not None and self.device.type == "cuda"):
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
 
 
 class Scheduler:
@@ -228,8 +239,10 @@ class Scheduler:
                 if self._stop:
                     return
             time.sleep(self.window_s)        # let the other side of a comparison arrive
-            with self._cv:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            with self._cv:   # one batch shares its sampling settings; others wait for the next
+                key = _sampling_key(self._pending[0])
+                batch = [r for r in self._pending if _sampling_key(r) == key][: self.max_batch]
+                self._pending = [r for r in self._pending if not any(r is b for b in batch)]
             batch = [r for r in batch if not r.cancelled.is_set()]
             if not batch:
                 continue
@@ -248,6 +261,13 @@ class Scheduler:
             finally:
                 self.stats["cancelled"] += sum(r.cancelled.is_set() for r in batch)
                 self.stats["busy"] = False
+
+
+def _sampling_key(r: GenRequest) -> tuple:
+    p = r.params
+    if p.temperature == 0:         # greedy rows batch together whatever top_p / top_k say
+        return (0.0, p.repetition_penalty)
+    return (p.temperature, p.top_p, p.top_k, p.repetition_penalty, r.seed)
 
 
 def served_list(host: ModelHost) -> list[dict]:

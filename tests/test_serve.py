@@ -34,12 +34,13 @@ def free_port() -> int:
 def server(tiny_model, trained_run):
     import uvicorn
 
-    from engine.inference import ModelHost
+    from engine.inference import ModelHost, Scheduler
     from engine.server import build_app
 
     host = ModelHost(str(tiny_model), template="internlm2_chat")
     host.add_adapter("tuned", str(trained_run))
-    app = build_app(host, api_key=KEY)
+    # "the same moment" = within the batching window; a slow CI core needs a generous one
+    app = build_app(host, api_key=KEY, scheduler=Scheduler(host, window_s=0.3))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
