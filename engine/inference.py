@@ -196,12 +196,14 @@ class ModelHost:
                   pad_token_id=pad, eos_token_id=None, streamer=RowStreamer(),
                   stopping_criteria=StoppingCriteriaList([RowsDone()]))
         if self.static_cache:
+            # The compiled decode step is specialised on the cache size: round it up to a bucket so a
+            # few sizes serve every request (rows still stop at their own max_tokens).
+            total = min(self.context_length, -(-(width + kw["max_new_tokens"]) // 256) * 256)
+            kw["max_new_tokens"] = max(1, total - width)
             kw["cache_implementation"] = "static"
         if sample and reqs[0].seed is not None:
             torch.manual_seed(reqs[0].seed)
-        with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
-                            enabled=self.precision.autocast_dtype is not None and self.device.type == "cuda"):
-            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
 
 
 class Scheduler:
