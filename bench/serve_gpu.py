@@ -149,8 +149,9 @@ def ours(new_tokens: int) -> dict:
         wall = time.perf_counter() - t0
         return [t.result() for t in timers], wall
 
+    compile_s = host.warmup((1, 2))              # what `tunedeck serve` does before it listens
     warm = []
-    for models in (["tuned"], ["base", "tuned"], ["tuned"], ["base", "tuned"]):   # compile both batch sizes
+    for models in (["tuned"], ["base", "tuned"]):   # first real requests after the start-up compile
         t = time.perf_counter()
         stream(models)
         warm.append(round(time.perf_counter() - t, 1))
@@ -166,7 +167,7 @@ def ours(new_tokens: int) -> dict:
     single_rate = single_best["tokens"] - 1
     one_stream_wall = single_rate / single_best["decode_tokens_per_s"]
     sched.close()
-    return {"load_s": round(load_s, 1), "warmup_s": warm, "single": single_best, "single_runs": single,
+    return {"load_s": round(load_s, 1), "startup_compile_s": round(compile_s, 1), "first_requests_s": warm, "single": single_best, "single_runs": single,
             "pair": pair_best, "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
             "static_cache": host.static_cache, "one_stream_wall_s": round(one_stream_wall, 2)}
 

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="prompt template of the base (adapters bring their own)")
     p.add_argument("--system", help="system prompt of the base")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling the GPU decode step at start")
 
     p = sub.add_parser("merge", help="merge an adapter into its base model")
     p.add_argument("base")
@@ -462,7 +463,8 @@ def cmd_serve(args) -> int:
         raise UserError(f"--port: {args.port} is not allowed: use 1-65535")
     return serve(args.model, adapters=parse_adapter_args(args.adapter), host=args.host, port=args.port,
                  api_key=args.api_key, bits=args.bits, template=args.template, system=args.system,
-                 trust_remote_code=args.trust_remote_code, log=lambda m: print(m, file=sys.stderr, flush=True))
+                 trust_remote_code=args.trust_remote_code, warmup=not args.no_warmup,
+                 log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def cmd_merge(args) -> int:

@@ -100,6 +100,19 @@ class ModelHost:
             self.lora.remove(name)
             del self.models[name]
 
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 2)) -> float:
+        """Compile the decode step for these batch sizes now rather than on the first requests."""
+        t0 = time.time()
+        if not self.static_cache:
+            return 0.0
+        prompt = encode_prompt(self.tokenizer, self.models[BASE].template, [{"role": "user", "content": "hi"}])
+        names = list(self.models)
+        for n in batch_sizes:
+            reqs = [GenRequest(names[i % len(names)], prompt, GenerationParams(max_new_tokens=3), set(),
+                               emit=lambda item: None) for i in range(n)]
+            self.run_batch(reqs)
+        return time.time() - t0
+
     def device_is_cuda(self) -> bool:
         return next(self.model.parameters()).device.type == "cuda"
 
@@ -198,7 +211,7 @@ class ModelHost:
         if self.static_cache:
             # The compiled decode step is specialised on the cache size: round it up to a bucket so a
             # few sizes serve every request (rows still stop at their own max_tokens).
-            total = min(self.context_length, -(-(width + kw["max_new_tokens"]) // 256) * 256)
+            total = min(self.context_length, max(1024, 1 << (width + kw["max_new_tokens"] - 1).bit_length()))
             kw["max_new_tokens"] = max(1, total - width)
             kw["cache_implementation"] = "static"
         if sample and reqs[0].seed is not None:

@@ -257,7 +257,7 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
 
 def serve(model: str, *, adapters: list[tuple[str, str]], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, bits: int | None = None, template: str | None = None,
-          system: str | None = None, trust_remote_code: bool = False, log=print) -> int:
+          system: str | None = None, trust_remote_code: bool = False, warmup: bool = True, log=print) -> int:
     import uvicorn
 
     log(f"loading {model}")
@@ -265,6 +265,9 @@ def serve(model: str, *, adapters: list[tuple[str, str]], host: str = "127.0.0.1
     for name, path in adapters:
         sm = mh.add_adapter(name, path)
         log(f"adapter {name}: {sm.path} (template {sm.template})")
+    if warmup and mh.static_cache:
+        log("compiling the decode step for batches of 1 and 2 (once per start, about a minute)")
+        log(f"compiled in {mh.warmup():.0f}s")
     app = build_app(mh, api_key=api_key)
     log(f"serving {', '.join(mh.models)} on http://{host}:{port} (web chat at /, OpenAI API at /v1)")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that
