@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+COPIED_FROM = "# copied from the tunedeck recipe "
 
 
 @dataclass(frozen=True)
@@ -65,5 +65,16 @@ def copy_cfg(name: str, dest_dir: str | Path, new_name: str | None = None) -> Pa
     target = dest / f"{stem}.yaml"
     if target.exists():
         raise UserError(f"{target}: already exists; not overwritten")
-    shutil.copyfile(entry.path, target)
+    text = entry.path.read_text(encoding="utf-8")
+    target.write_text(f"{COPIED_FROM}{entry.name}\n{text}", encoding="utf-8")
     return target
+
+
+def copied_from(path: Path) -> str | None:
+    """The built-in recipe a workspace recipe was copied from (copy-cfg's first-line comment)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().strip()
+    except OSError:
+        return None
+    return first[len(COPIED_FROM):].strip() or None if first.startswith(COPIED_FROM) else None

@@ -9,7 +9,6 @@ DIR/work_dirs/demo*/   the run
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from .catalogue import find
@@ -70,6 +69,4 @@ def run_demo(workspace: Path, name: str, no_tui: bool = True) -> int:
     print()
     print(f"chat with it:  tunedeck chat {model_dir} --adapter {run_dir}")
     print(f"merge it:      tunedeck merge {model_dir} {run_dir} {workspace / 'merged'}")
-    if not no_tui:
-        print("(the TUI is not built yet: see issue #4)", file=sys.stderr)
     return 0

@@ -118,7 +118,9 @@ def test_list_cfg_and_copy_cfg(tmp_path, capsys):
     assert "internlm2_chat_1_8b_qlora_self_e2" in out and all("internlm2_chat_1_8b" in n for n in out)
     assert run_cli("copy-cfg", "internlm2_chat_1_8b_qlora_alpaca_e3", tmp_path / "config") == 0
     copied = tmp_path / "config" / "internlm2_chat_1_8b_qlora_alpaca_e3_copy.yaml"
-    assert copied.read_text() == catalogue.find("internlm2_chat_1_8b_qlora_alpaca_e3").path.read_text()
+    original = catalogue.find("internlm2_chat_1_8b_qlora_alpaca_e3").path.read_text()
+    assert copied.read_text() == f"{catalogue.COPIED_FROM}internlm2_chat_1_8b_qlora_alpaca_e3\n{original}"
+    assert catalogue.copied_from(copied) == "internlm2_chat_1_8b_qlora_alpaca_e3"
     capsys.readouterr()
     assert run_cli("copy-cfg", "internlm2_chat_1_8b_qlora_alpaca_e3", tmp_path / "config") == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""The TUI driven by Pilot against the real engine on the tiny demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from engine import catalogue
+
+
+def test_the_tui_never_imports_torch_transformers_or_peft(tmp_path):
+    code = f"""
+import sys, asyncio
+for name in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed"):
+    sys.modules[name] = None          # any import of them now fails
+from tui.app import TunedeckApp
+
+async def main():
+    app = TunedeckApp({str(tmp_path)!r})
+    async with app.run_test(size=(100, 30)) as pilot:
+        for key in ("1", "2", "3", "1"):
+            await pilot.press(key)
+            await pilot.pause()
+    print("ok")
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+async def wait_for(pilot, cond, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
+    from textual.widgets import Button, Input, Label, Tree
+
+    from tui.app import TunedeckApp
+
+    app = TunedeckApp(tmp_path)
+    async with app.run_test(size=(110, 36)) as pilot:
+        await pilot.click("#cfg-filter")
+        await pilot.press(*"qlora_alpaca")
+        tree = app.query_one("#cfg-tree", Tree)
+        await pilot.pause()
+        leaves = [n for n in tree.root.children[1].children]          # first family under the workspace node
+        assert all("qlora_alpaca" in str(n.label) for n in leaves)
+        target = next(n for n in leaves if str(n.label) == "internlm2_chat_1_8b_qlora_alpaca_e3")
+        tree.move_cursor(target)
+        await pilot.pause()
+        tree.focus()
+        await pilot.press("c")
+        await pilot.pause()
+        name = app.screen.query_one("#new-name", Input)
+        name.value = "internlm2_chat_1_8b_qlora_self_e2"
+        await pilot.press("enter")
+        await pilot.pause()
+        copied = tmp_path / "configs" / "internlm2_chat_1_8b_qlora_self_e2.yaml"
+        assert catalogue.copied_from(copied) == "internlm2_chat_1_8b_qlora_alpaca_e3"
+
+        app.query_one("#configs-pane").selected = copied
+        app.query_one("#configs-pane").action_edit()
+        await pilot.pause()
+        assert app.query_one("#tabs").active == "editor"
+        lr = app.query_one("#f-train--lr", Input)
+        lr.value = "abc"
+        await pilot.pause()
+        assert "train.lr: 'abc' is not allowed" in str(app.query_one("#f-train--lr-error", Label).render())
+        assert app.query_one("#ed-save", Button).disabled
+        lr.value = "1e-4"
+        app.query_one("#f-train--max_epochs", Input).value = "2"
+        await pilot.pause()
+        assert str(app.query_one("#f-train--lr-error", Label).render()) == ""
+        assert "changed from internlm2_chat_1_8b_qlora_alpaca_e3" in str(app.query_one("#ed-diff").render())
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    text = copied.read_text()
+    assert "lr: 1e-4" in text and "max_epochs: 2" in text, [ln for ln in text.splitlines() if "lr:" in ln or "epochs" in ln]
+    assert "  max_norm: 1  # grad clip" in text                  # comments kept
+
+
+@pytest.fixture
+def run_workspace(workspace) -> Path:
+    cfg = (REPO / "configs/demo/demo_tiny_qlora_self.yaml").read_text()
+    cfg = cfg.replace("  seed: 0\n", "  seed: 0\n  max_steps: 400\n").replace("save_steps: 20", "save_steps: 1000")
+    cfg = cfg.replace("evaluation_freq: 20", "evaluation_freq: 100")
+    (workspace / "configs").mkdir()
+    (workspace / "configs" / "tiny.yaml").write_text(cfg)
+    (workspace / "demo.yaml").unlink()
+    return workspace
+
+
+async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace):
+    from textual.widgets import Select, Sparkline
+
+    from engine.runs import RunDirectory, find_runs
+    from tui.app import TunedeckApp
+
+    ws = run_workspace
+    app = TunedeckApp(ws)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("3")
+        await pilot.pause()
+        app.query_one("#start-config", Select).value = str(ws / "configs" / "tiny.yaml")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: find_runs(ws / "work_dirs"), 60, "the run to appear")
+        spark = app.query_one("#rv-loss", Sparkline)
+        await wait_for(pilot, lambda: len(spark.data or []) >= 5, 120, "the sparkline to gain points")
+        first = len(spark.data)
+        await wait_for(pilot, lambda: len(spark.data) > first, 30, "more points")
+        await pilot.press("s")
+        await pilot.pause(0.5)
+        run = RunDirectory(find_runs(ws / "work_dirs")[0].path)
+        await wait_for(pilot, lambda: run.status().get("state") == "stopped", 60,
+                       f"the run to stop (status {run.status()})")
+        stopped_at = run.status()["step"]
+        assert run.latest_checkpoint().name == f"checkpoint-{stopped_at}"
+        await pilot.pause(0.6)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: run.status().get("state") == "finished", 240, "the resumed run to finish")
+        await pilot.pause(1.0)
+    total = run.status()["total_steps"]
+    assert [m["step"] for m in run.metrics()] == list(range(1, total + 1))
+    # quit and reopen: the finished run's whole history is there
+    app = TunedeckApp(ws)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("3")
+        await pilot.pause(0.8)
+        assert len(app.query_one("#rv-loss", Sparkline).data) == total
+        assert "finished" in str(app.query_one("#rv-title").render())
+        assert "step 400/400" in str(app.query_one("#rv-numbers").render())

@@ -1,0 +1,124 @@
+"""The tunedeck app: one tab per screen, footer bindings, command palette entries."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.command import Hit, Hits, Provider
+from textual.widgets import Footer, Header, TabbedContent, TabPane
+
+from .messages import ConfigsChanged, EditConfig, ShowRun
+from .screens.configs import ConfigsPane
+from .screens.editor import EditorPane
+from .screens.runs import RunsPane
+
+TABS = [("configs", "Configs"), ("editor", "Editor"), ("runs", "Runs")]
+
+
+class TunedeckCommands(Provider):
+    """Every screen and action in the command palette."""
+
+    async def search(self, query: str) -> Hits:
+        app = self.app
+        assert isinstance(app, TunedeckApp)
+        matcher = self.matcher(query)
+        entries = [(f"Show {label}", partial(app.action_show, tab), f"switch to the {label} screen")
+                   for tab, label in TABS]
+        entries += [
+            ("Copy recipe to workspace", partial(app.run_pane_action, "configs", "copy"), "copy-cfg + rename"),
+            ("Edit recipe", partial(app.run_pane_action, "configs", "edit"), "open the highlighted recipe"),
+            ("Save recipe", partial(app.run_pane_action, "editor", "save"), "validate and save"),
+            ("Open recipe in $EDITOR", partial(app.run_pane_action, "editor", "external"), "suspend the app"),
+            ("Start run", partial(app.run_pane_action, "runs", "start"), "train the chosen recipe, detached"),
+            ("Stop run", partial(app.run_pane_action, "runs", "stop"), "save a checkpoint and stop"),
+            ("Resume run", partial(app.run_pane_action, "runs", "resume"), "continue from the latest checkpoint"),
+        ]
+        for name, callback, help_text in entries:
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+
+
+class TunedeckApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "tunedeck"
+    COMMANDS = App.COMMANDS | {TunedeckCommands}
+    BINDINGS = [
+        Binding("1", "show('configs')", "Configs"),
+        Binding("2", "show('editor')", "Editor"),
+        Binding("3", "show('runs')", "Runs"),
+        Binding("c", "pane('configs', 'copy')", "Copy to workspace"),
+        Binding("e", "pane('configs', 'edit')", "Edit"),
+        Binding("ctrl+s", "pane('editor', 'save')", "Save"),
+        Binding("ctrl+e", "pane('editor', 'external')", "$EDITOR"),
+        Binding("n", "pane('runs', 'start')", "Start run"),
+        Binding("s", "pane('runs', 'stop')", "Stop run"),
+        Binding("r", "pane('runs', 'resume')", "Resume run"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, workspace: str | Path = ".", **kw):
+        super().__init__(**kw)
+        self.workspace = Path(workspace).resolve()
+        self.sub_title = str(self.workspace)
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(initial="configs", id="tabs"):
+            with TabPane("Configs", id="configs"):
+                yield ConfigsPane(self.workspace, id="configs-pane")
+            with TabPane("Editor", id="editor"):
+                yield EditorPane(self.workspace, id="editor-pane")
+            with TabPane("Runs", id="runs"):
+                yield RunsPane(self.workspace, id="runs-pane")
+        yield Footer()
+
+    FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form Input", "runs": "#runs-table"}
+
+    def action_show(self, tab: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = tab
+        self.call_after_refresh(self._focus_pane, tab)
+
+    def _focus_pane(self, tab: str) -> None:
+        targets = self.query(self.FOCUS.get(tab, f"#{tab}-pane"))
+        if targets:
+            targets.first().focus()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if self.screen_stack:
+            self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """A screen's keys work (and show in the footer) while its tab is active."""
+        if action == "pane":
+            tabs = self.query("#tabs")
+            return bool(tabs) and parameters[0] == tabs.first(TabbedContent).active
+        return True
+
+    def action_pane(self, tab: str, action: str) -> None:
+        self.run_pane_action(tab, action)
+
+    def run_pane_action(self, tab: str, action: str) -> None:
+        self.action_show(tab)
+        pane = self.query_one(f"#{tab}-pane")
+        getattr(pane, f"action_{action}")()
+
+    def on_edit_config(self, message: EditConfig) -> None:
+        self.query_one(EditorPane).load(message.path)
+        self.action_show("editor")
+
+    def on_configs_changed(self, message: ConfigsChanged) -> None:
+        self.query_one(ConfigsPane).refresh_tree(select=message.path)
+        self.query_one(RunsPane).refresh_configs()
+
+    def on_show_run(self, message: ShowRun) -> None:
+        self.query_one(RunsPane).on_show_run(message)
+        self.action_show("runs")
+
+
+def run_app(workspace: str | Path = ".") -> int:
+    TunedeckApp(workspace).run()
+    return 0

@@ -1,0 +1,155 @@
+"""Configs: the built-in catalogue as a tree (family → recipe) and the workspace's own recipes;
+filter as you type; YAML preview; copy a recipe into the workspace under a new name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.syntax import Syntax
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Static, Tree
+
+from engine import catalogue
+from engine.errors import UserError
+
+from ..messages import ConfigsChanged, EditConfig
+from ..workspace import workspace_configs
+
+
+class CopyDialog(ModalScreen[str | None]):
+    """Ask for the new recipe's name (copy-cfg + the seed's rename)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"Copy [b]{self.source}[/b] into the workspace as:")
+            yield Input(value=self.source.replace("_alpaca_", "_self_") + "_copy", id="new-name")
+            with Horizontal(classes="buttons"):
+                yield Button("Copy", variant="primary", id="ok")
+                yield Button("Cancel", id="cancel")
+
+    @on(Button.Pressed, "#ok")
+    @on(Input.Submitted, "#new-name")
+    def ok(self) -> None:
+        self.dismiss(self.query_one("#new-name", Input).value.strip() or None)
+
+    @on(Button.Pressed, "#cancel")
+    def cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ConfigsPane(Vertical):
+
+    def __init__(self, workspace: Path, **kw):
+        super().__init__(**kw)
+        self.workspace = workspace
+        self.selected: Path | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter recipes (list-cfg -p)…", id="cfg-filter")
+        with Horizontal():
+            tree: Tree[Path] = Tree("recipes", id="cfg-tree")
+            tree.show_root = False
+            yield tree
+            with VerticalScroll(id="cfg-preview-box"):
+                yield Static("", id="cfg-preview")
+        with Horizontal(classes="buttons"):
+            yield Button("Copy to workspace (c)", id="cfg-copy")
+            yield Button("Edit (e)", id="cfg-edit")
+
+    def on_mount(self) -> None:
+        self.refresh_tree()
+
+    def refresh_tree(self, pattern: str = "", select: Path | None = None) -> None:
+        tree = self.query_one("#cfg-tree", Tree)
+        tree.clear()
+        mine = [p for p in workspace_configs(self.workspace) if pattern.lower() in p.stem.lower()]
+        ws = tree.root.add(f"workspace ({self.workspace.name})", expand=True)
+        for p in mine:
+            node = ws.add_leaf(p.stem, data=p)
+            if select is not None and p == select:
+                tree.move_cursor(node)
+        families: dict[str, object] = {}
+        for e in catalogue.list_cfg(pattern or None):
+            fam = families.get(e.family)
+            if fam is None:
+                fam = families[e.family] = tree.root.add(e.family, expand=bool(pattern) or e.family == "demo")
+            fam.add_leaf(e.name, data=e.path)
+
+    @on(Input.Changed, "#cfg-filter")
+    def filter_changed(self, event: Input.Changed) -> None:
+        self.refresh_tree(event.value.strip())
+
+    @on(Tree.NodeHighlighted, "#cfg-tree")
+    def highlighted(self, event: Tree.NodeHighlighted) -> None:
+        path = event.node.data
+        self.selected = path
+        preview = self.query_one("#cfg-preview", Static)
+        if path is None:
+            preview.update("")
+            return
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            preview.update(f"cannot read {path}: {e.strerror}")
+            return
+        preview.update(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+
+    @on(Tree.NodeSelected, "#cfg-tree")
+    def selected_node(self, event: Tree.NodeSelected) -> None:
+        if event.node.data is not None:
+            self.action_edit()
+
+    def is_builtin(self, path: Path) -> bool:
+        return catalogue.CONFIG_ROOT in path.resolve().parents
+
+    def action_focus_filter(self) -> None:
+        self.query_one("#cfg-filter", Input).focus()
+
+    @on(Button.Pressed, "#cfg-copy")
+    def action_copy(self) -> None:
+        if self.selected is None:
+            self.app.notify("pick a recipe first", severity="warning")
+            return
+        source = Path(self.selected).stem
+
+        def done(name: str | None) -> None:
+            if not name:
+                return
+            try:
+                target = catalogue.copy_cfg(source, self.workspace / "configs", name) if self.is_builtin(
+                    Path(self.selected)) else self._copy_own(Path(self.selected), name)
+            except UserError as e:
+                self.app.notify(str(e), severity="error")
+                return
+            self.app.notify(f"copied to {target.relative_to(self.workspace)}")
+            self.refresh_tree(select=target)
+            self.post_message(ConfigsChanged(target))
+
+        self.app.push_screen(CopyDialog(source), done)
+
+    def _copy_own(self, src: Path, name: str) -> Path:
+        target = self.workspace / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+        if target.exists():
+            raise UserError(f"{target}: already exists; not overwritten")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")   # keeps its copied-from line
+        return target
+
+    @on(Button.Pressed, "#cfg-edit")
+    def action_edit(self) -> None:
+        if self.selected is None:
+            return
+        if self.is_builtin(Path(self.selected)):
+            self.app.notify("built-in recipes are read-only: copy it into the workspace first (c)")
+            return
+        self.post_message(EditConfig(Path(self.selected)))

@@ -1,0 +1,230 @@
+"""Runs: start a run (detached), the list of runs with state and progress, and a run view that
+follows the log, plots the loss and shows lr, grad norm, tokens/s, memory, ETA and evaluation
+answers; stop and resume. Runs live in their own processes: quitting the app never stops one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, DataTable, Label, Log, ProgressBar, Select, Sparkline, Static
+
+from engine.config import DEEPSPEED_CHOICES
+from engine.errors import UserError
+from engine.runs import RunDirectory, find_runs, format_eta
+
+from ..messages import ShowRun
+from ..workspace import run_engine, workspace_configs
+
+STATE_STYLE = {"running": "bold green", "finished": "cyan", "failed": "bold red", "stopped": "yellow",
+               "starting": "green"}
+
+
+class LogTail:
+    """Reads only what was appended since the last call (toolong-style: one read per tick)."""
+
+    def __init__(self, path: Path, max_bytes: int = 1 << 20):
+        self.path = path
+        self.offset = 0
+        self.max_bytes = max_bytes
+        self.partial = ""
+
+    def read_new(self) -> list[str]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size < self.offset:        # rewritten: start over
+            self.offset, self.partial = 0, ""
+        if size == self.offset:
+            return []
+        start = max(self.offset, size - self.max_bytes)    # far behind: skip to the last MiB
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            data = f.read(size - start)
+        self.offset = size
+        text = self.partial + data.decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        self.partial = lines.pop()
+        return lines
+
+
+class RunView(Vertical):
+    """One run, live."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.run: RunDirectory | None = None
+        self.tail: LogTail | None = None
+        self.n_metrics = 0
+        self.n_evals = 0
+        self.losses: list[float] = []
+
+    def compose(self) -> ComposeResult:
+        yield Static("Pick a run.", id="rv-title")
+        yield ProgressBar(total=100, show_eta=False, id="rv-progress")
+        yield Static("", id="rv-numbers")
+        yield Sparkline([], id="rv-loss")
+        with Horizontal(classes="buttons"):
+            yield Button("Stop (s)", id="rv-stop", variant="warning")
+            yield Button("Resume (r)", id="rv-resume")
+        yield Log(id="rv-log", max_lines=5000)
+        with VerticalScroll(id="rv-evals-box"):
+            yield Static("", id="rv-evals")
+
+    def show(self, path: Path) -> None:
+        self.run = RunDirectory(path)
+        self.tail = LogTail(self.run.log_path)
+        self.n_metrics = self.n_evals = 0
+        self.losses = []
+        self.query_one("#rv-log", Log).clear()
+        self.query_one("#rv-evals", Static).update("")
+        self.refresh_view()
+
+    def refresh_view(self) -> None:
+        if self.run is None:
+            return
+        st = self.run.status()
+        state = st.get("state", "unknown")
+        step, total = st.get("step") or 0, st.get("total_steps") or 0
+        title = Text.assemble((self.run.path.name, "bold"), "  ", (state, STATE_STYLE.get(state, "")))
+        if state == "failed" and st.get("error"):
+            title.append(f"\n{st['error']}", style="red")
+        self.query_one("#rv-title", Static).update(title)
+        bar = self.query_one("#rv-progress", ProgressBar)
+        bar.update(total=max(total, 1), progress=step)
+        new = self.run.metrics()[self.n_metrics:]
+        if new:
+            self.n_metrics += len(new)
+            self.losses += [m["loss"] for m in new]
+            self.query_one("#rv-loss", Sparkline).data = list(self.losses)
+            last = new[-1]
+            mem = f"{last['gpu_mem_gib']:.2f} GiB" if last.get("gpu_mem_gib") is not None else "-"
+            self.query_one("#rv-numbers", Static).update(
+                f"step {step}/{total}  loss {last['loss']:.4f}  lr {last['lr']:.3g}  grad norm "
+                f"{last['grad_norm']:.3f}  {last.get('tokens_per_s') or 0:.0f} tok/s  mem {mem}  "
+                f"ETA {format_eta(st.get('eta_s')) if state == 'running' else '-'}")
+        elif not self.losses:
+            self.query_one("#rv-numbers", Static).update(f"step {step}/{total or '?'}")
+        if self.tail is not None:
+            lines = self.tail.read_new()
+            if lines:
+                self.query_one("#rv-log", Log).write_lines(lines)
+        evals = self.run.evals()
+        if len(evals) != self.n_evals:
+            self.n_evals = len(evals)
+            self.query_one("#rv-evals", Static).update(Text("\n").join(
+                Text.assemble((f"@{e['step']} ", "dim"), (e["prompt"], "bold"), " → ", e["answer"])
+                for e in evals[-30:]))
+        self.query_one("#rv-stop", Button).disabled = state not in ("running", "starting")
+        self.query_one("#rv-resume", Button).disabled = state in ("running", "starting") or \
+            self.run.latest_checkpoint() is None or state == "finished"
+
+
+class RunsPane(Horizontal):
+
+    def __init__(self, workspace: Path, **kw):
+        super().__init__(**kw)
+        self.workspace = workspace
+        self.rows: list[Path] = []
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="runs-left"):
+            with Horizontal(classes="buttons", id="start-row"):
+                yield Select([], prompt="recipe", id="start-config")
+                yield Select([(d, d) for d in DEEPSPEED_CHOICES], value="none", allow_blank=False,
+                             id="start-deepspeed")
+                yield Button("Start (n)", variant="success", id="start-run")
+            table: DataTable = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+            yield table
+        yield RunView(id="run-view")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#runs-table", DataTable)
+        table.add_columns("run", "state", "step", "loss", "ETA")
+        self.refresh_configs()
+        self.refresh_runs()
+        self.set_interval(0.5, self.tick)
+
+    def refresh_configs(self) -> None:
+        sel = self.query_one("#start-config", Select)
+        configs = workspace_configs(self.workspace)
+        sel.set_options([(p.stem, str(p)) for p in configs])
+
+    def refresh_runs(self) -> None:
+        table = self.query_one("#runs-table", DataTable)
+        runs = find_runs(self.workspace / "work_dirs")
+        keep = table.cursor_row
+        table.clear()
+        self.rows = [r.path for r in runs]
+        for r in runs:
+            s = r.summary()
+            loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
+            eta = format_eta(s["eta_s"]) if s["state"] == "running" else "-"
+            table.add_row(r.path.name, Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
+                          f"{s['step']}/{s['total_steps'] or '?'}", loss, eta, key=str(r.path))
+        if self.rows:
+            table.move_cursor(row=min(max(keep, 0), len(self.rows) - 1))
+
+    def tick(self) -> None:
+        if not self.is_attached or not self.display:
+            return
+        self.refresh_runs()
+        self.query_one(RunView).refresh_view()
+
+    @on(DataTable.RowHighlighted, "#runs-table")
+    def row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        view = self.query_one(RunView)
+        path = Path(event.row_key.value) if event.row_key is not None else None
+        if path is not None and (view.run is None or view.run.path != path):
+            view.show(path)
+
+    def on_show_run(self, message: ShowRun) -> None:
+        self.query_one(RunView).show(message.path)
+
+    # -- actions
+    @on(Button.Pressed, "#start-run")
+    def action_start(self) -> None:
+        cfg = self.query_one("#start-config", Select).value
+        if cfg is Select.BLANK or not cfg:
+            self.app.notify("pick a workspace recipe to start", severity="warning")
+            return
+        ds = self.query_one("#start-deepspeed", Select).value
+        args = ["train", str(cfg), "--detach"] + (["--deepspeed", str(ds)] if ds not in ("none", Select.BLANK) else [])
+        self._launch(args, f"starting {Path(str(cfg)).stem}")
+
+    @on(Button.Pressed, "#rv-stop")
+    def action_stop(self) -> None:
+        run = self.query_one(RunView).run
+        if run is None:
+            return
+        try:
+            run.request_stop(wait_s=0)
+        except UserError as e:
+            self.app.notify(str(e), severity="warning")
+            return
+        self.app.notify(f"stopping {run.path.name}: it saves a checkpoint first")
+
+    @on(Button.Pressed, "#rv-resume")
+    def action_resume(self) -> None:
+        run = self.query_one(RunView).run
+        if run is None or run.latest_checkpoint() is None:
+            return
+        self._launch(["train", str(run.config_path), "--work-dir", str(run.path), "--resume", "--detach"],
+                     f"resuming {run.path.name}")
+
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    def _launch(self, args: list[str], what: str) -> None:
+        self.app.call_from_thread(self.app.notify, what + "…")
+        proc = run_engine(self.workspace, *args)
+        if proc.returncode != 0:
+            msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            self.app.call_from_thread(self.app.notify, msg, severity="error")
+            return
+        run_dir = Path(proc.stdout.strip().splitlines()[-1])
+        self.app.call_from_thread(self.refresh_runs)
+        self.app.call_from_thread(self.query_one(RunView).show, run_dir)
