@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     d = dsub.add_parser("check", help="record count, token lengths, truncation, the first sample masked")
     d.add_argument("config")
+    d.add_argument("--json", action="store_true", help="machine-readable: stats, length histogram, samples")
     _add_set(d)
 
     p = sub.add_parser("train", help="train a recipe")
@@ -191,6 +192,14 @@ def cmd_data_check(args) -> int:
                  for c in convs]
     data = tokenize_conversations(convs, tok, template, recipe.data.max_length)
     s = data.stats()
+    if args.json:
+        from .data import length_histogram, masked_segments
+
+        print(json.dumps({"data_path": recipe.data.data_path, "records": data.n_records, "template": template,
+                          "length": s, "truncated": data.n_truncated, "dropped": data.n_dropped,
+                          "max_length": recipe.data.max_length, "histogram": length_histogram(data.lengths),
+                          "samples": [masked_segments(tok, *x) for x in data.samples[:3]]}, ensure_ascii=False))
+        return 0
     print(f"data:      {recipe.data.data_path}")
     print(f"records:   {data.n_records}")
     print(f"template:  {template}")

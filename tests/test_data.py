@@ -113,3 +113,12 @@ def test_tokenizing_in_worker_processes_gives_the_same_samples(tokenizer):
     one = tokenize_conversations(convs, tokenizer, "internlm2_chat", 64)
     two = tokenize_conversations(convs, tokenizer, "internlm2_chat", 64, num_workers=2)
     assert one.samples == two.samples and len(one.samples) == 2000
+
+
+def test_data_check_json_has_histogram_and_masked_segments(workspace, capsys):
+    assert run_cli("data", "check", "demo.yaml", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["records"] == 201 and sum(c for _, _, c in out["histogram"]) == 201
+    segs = out["samples"][0]
+    assert segs[0][1] is True and segs[-1][1] is False                   # prompt masked, answer trained
+    assert NAME in "".join(t for t, masked in segs if not masked)

@@ -23,7 +23,7 @@ from tui.app import TunedeckApp
 async def main():
     app = TunedeckApp({str(tmp_path)!r})
     async with app.run_test(size=(100, 30)) as pilot:
-        for key in ("1", "2", "3", "1"):
+        for key in ("1", "2", "3", "4", "5", "6", "1"):
             await pilot.press(key)
             await pilot.pause()
     print("ok")
@@ -140,3 +140,87 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace):
         assert len(app.query_one("#rv-loss", Sparkline).data) == total
         assert "finished" in str(app.query_one("#rv-title").render())
         assert "step 400/400" in str(app.query_one("#rv-numbers").render())
+
+
+@pytest.fixture
+def trained_workspace(workspace, trained_run) -> Path:
+    (workspace / "work_dirs").mkdir()
+    (workspace / "work_dirs" / "demo").symlink_to(trained_run)
+    return workspace
+
+
+async def test_files_screen_shows_a_checkpoints_step_and_adapter_rank(trained_workspace):
+    from engine.runs import RunDirectory
+    from tui.app import TunedeckApp
+
+    ckpt = RunDirectory(trained_workspace / "work_dirs" / "demo").latest_checkpoint()
+    app = TunedeckApp(trained_workspace)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("5")
+        await pilot.pause()
+        pane = app.query_one("#files-pane")
+        pane.show(ckpt)
+        await pilot.pause()
+        info = str(app.query_one("#files-info").render())
+        assert f"step {ckpt.name.split('-')[1]}" in info and "LoRA rank 16" in info and "q_proj" in info
+        assert app.query_one("#ckpt-actions").display
+        pane.show(trained_workspace / "demo.yaml")
+        await pilot.pause()
+        assert "demo.yaml" in str(app.query_one("#files-info").render())
+        assert not app.query_one("#ckpt-actions").display
+
+
+async def test_data_screen_generates_identity_data_and_checks_a_dataset(workspace):
+    import json as _json
+
+    from textual.widgets import Input, Select, Static
+
+    from tui.app import TunedeckApp
+
+    app = TunedeckApp(workspace)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("6")
+        await pilot.pause()
+        app.query_one("#id-name", Input).value = "Ada"
+        app.query_one("#id-n", Input).value = "5"
+        app.query_one("#id-out", Input).value = "data/ada.json"
+        await pilot.click("#id-generate")
+        await pilot.pause()
+        recs = _json.loads((workspace / "data" / "ada.json").read_text())
+        assert len(recs) == 6 and "Ada" in recs[0]["messages"][1]["content"]
+        app.query_one("#ds-config", Select).value = str(workspace / "demo.yaml")
+        await pilot.click("#ds-check")
+        view = app.query_one("#ds-view", Static)
+        await wait_for(pilot, lambda: "records" in str(view.render()), 120, "the dataset view")
+        text = str(view.render())
+        assert "201 records" in text and "token lengths" in text and "sample 0" in text
+
+
+async def test_chat_streams_two_different_answers_side_by_side(trained_workspace):
+    from textual.widgets import Input, Select
+
+    from engine.identity import DEFAULT_ANSWER
+    from engine.runs import RunDirectory
+    from tui.app import TunedeckApp
+    from tui.screens.chat import checkpoint_choices
+
+    identity = DEFAULT_ANSWER.format(name="NagatoYuki")
+    ckpt = RunDirectory(trained_workspace / "work_dirs" / "demo").latest_checkpoint()
+    app = TunedeckApp(trained_workspace)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("4")
+        await pilot.pause()
+        pane = app.query_one("#chat-pane")
+        choices = dict(checkpoint_choices(trained_workspace))
+        app.query_one("#chat-ckpt", Select).value = next(v for k, v in choices.items() if k.endswith(ckpt.name))
+        await wait_for(pilot, lambda: pane.right_model is not None, 180, "the service to start")
+        box = app.query_one("#chat-input", Input)
+        box.value = "请做一下自我介绍"
+        box.focus()
+        await pilot.press("enter")
+        left, right = app.query_one("#chat-left"), app.query_one("#chat-right")
+        await wait_for(pilot, lambda: len(left.history) == 2 and len(right.history) == 2, 120, "both answers")
+        assert right.history[1]["content"] == identity
+        assert left.history[1]["content"] and left.history[1]["content"] != identity
+        assert app.service.proc is not None
+    assert app.service.proc is None            # the service this app started stopped with it

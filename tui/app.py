@@ -10,12 +10,17 @@ from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from .messages import ConfigsChanged, EditConfig, ShowRun
+from .client import ServiceClient
+from .messages import ChatWith, ConfigsChanged, EditConfig, ShowRun
+from .screens.chat import ChatPane
 from .screens.configs import ConfigsPane
+from .screens.data import DataPane
 from .screens.editor import EditorPane
+from .screens.files import FilesPane
 from .screens.runs import RunsPane
 
-TABS = [("configs", "Configs"), ("editor", "Editor"), ("runs", "Runs")]
+TABS = [("configs", "Configs"), ("editor", "Editor"), ("runs", "Runs"), ("chat", "Chat"), ("files", "Files"),
+        ("data", "Data")]
 
 
 class TunedeckCommands(Provider):
@@ -50,6 +55,9 @@ class TunedeckApp(App):
         Binding("1", "show('configs')", "Configs"),
         Binding("2", "show('editor')", "Editor"),
         Binding("3", "show('runs')", "Runs"),
+        Binding("4", "show('chat')", "Chat"),
+        Binding("5", "show('files')", "Files"),
+        Binding("6", "show('data')", "Data"),
         Binding("c", "pane('configs', 'copy')", "Copy to workspace"),
         Binding("e", "pane('configs', 'edit')", "Edit"),
         Binding("ctrl+s", "pane('editor', 'save')", "Save"),
@@ -60,10 +68,12 @@ class TunedeckApp(App):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, workspace: str | Path = ".", **kw):
+    def __init__(self, workspace: str | Path = ".", *, service_url: str | None = None,
+                 api_key: str | None = None, **kw):
         super().__init__(**kw)
         self.workspace = Path(workspace).resolve()
         self.sub_title = str(self.workspace)
+        self.service = ServiceClient(self.workspace, service_url, api_key)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -74,9 +84,16 @@ class TunedeckApp(App):
                 yield EditorPane(self.workspace, id="editor-pane")
             with TabPane("Runs", id="runs"):
                 yield RunsPane(self.workspace, id="runs-pane")
+            with TabPane("Chat", id="chat"):
+                yield ChatPane(self.workspace, self.service, id="chat-pane")
+            with TabPane("Files", id="files"):
+                yield FilesPane(self.workspace, id="files-pane")
+            with TabPane("Data", id="data"):
+                yield DataPane(self.workspace, id="data-pane")
         yield Footer()
 
-    FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form Input", "runs": "#runs-table"}
+    FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form Input", "runs": "#runs-table", "chat": "#chat-input",
+             "files": "#files-tree", "data": "#id-name"}
 
     def action_show(self, tab: str) -> None:
         self.query_one("#tabs", TabbedContent).active = tab
@@ -90,6 +107,8 @@ class TunedeckApp(App):
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if self.screen_stack:
             self.refresh_bindings()
+        if event.pane is not None and event.pane.id == "chat":
+            self.query_one(ChatPane).refresh_checkpoints()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """A screen's keys work (and show in the footer) while its tab is active."""
@@ -113,6 +132,14 @@ class TunedeckApp(App):
     def on_configs_changed(self, message: ConfigsChanged) -> None:
         self.query_one(ConfigsPane).refresh_tree(select=message.path)
         self.query_one(RunsPane).refresh_configs()
+        self.query_one(DataPane).refresh_configs()
+
+    def on_chat_with(self, message: ChatWith) -> None:
+        self.query_one(ChatPane).pick(message.path)
+        self.action_show("chat")
+
+    def on_unmount(self) -> None:
+        self.service.close()    # a service this app started goes with it; runs never do
 
     def on_show_run(self, message: ShowRun) -> None:
         self.query_one(RunsPane).on_show_run(message)

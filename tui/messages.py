@@ -27,3 +27,10 @@ class ShowRun(Message):
     """Open this run directory in the run view."""
 
     path: Path
+
+
+@dataclass
+class ChatWith(Message):
+    """Open the chat with this checkpoint on the right."""
+
+    path: Path

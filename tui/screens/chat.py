@@ -1,0 +1,193 @@
+"""Chat: split pane — left the base model, right a fine-tuned checkpoint picked from a run; one
+input goes to both and the answers stream side by side. The model runs in `tunedeck serve`
+(started when none runs); this screen only talks HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Input, Label, Select, Static
+
+from engine.runs import find_runs
+
+from ..client import ServiceClient, ServiceError
+
+
+def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
+    out = []
+    for run in find_runs(workspace / "work_dirs"):
+        for ck in reversed(run.checkpoints()):
+            out.append((f"{run.path.name}/{ck.name}", str(ck)))
+    return out
+
+
+def base_of(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / "tunedeck.json").read_text()).get("base_model")
+    except (OSError, ValueError):
+        return None
+
+
+class Transcript(VerticalScroll):
+    """One side: the conversation, the answer growing as it streams."""
+
+    def __init__(self, title: str, **kw):
+        super().__init__(**kw)
+        self.title = title
+        self.history: list[dict] = []
+        self.text = Text()
+        self.current = ""
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(self.title, style="bold cyan"), classes="side-title")
+        yield Static("", classes="side-body")
+
+    def set_title(self, title: str) -> None:
+        self.title = title
+        self.query_one(".side-title", Static).update(Text(title, style="bold cyan"))
+
+    def _redraw(self) -> None:
+        body = self.text.copy()
+        if self.current:
+            body.append(self.current)
+        self.query_one(".side-body", Static).update(body)
+        if self.scroll_y >= self.max_scroll_y - 2:    # follow only when already at the bottom
+            self.scroll_end(animate=False)
+
+    def ask(self, prompt: str) -> None:
+        self.text.append(f"\n> {prompt}\n", style="bold")
+        self.current = ""
+        self._redraw()
+
+    def piece(self, text: str) -> None:
+        self.current += text
+        self._redraw()
+
+    def done(self, prompt: str, error: str | None = None) -> None:
+        if error:
+            self.text.append(self.current)
+            self.text.append(f"\n[{error}]\n", style="bold red")
+        else:
+            self.text.append(self.current + "\n")
+            self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": self.current}]
+        self.current = ""
+        self._redraw()
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.text = Text()
+        self.current = ""
+        self._redraw()
+
+
+class ChatPane(Vertical):
+    def __init__(self, workspace: Path, service: ServiceClient, **kw):
+        super().__init__(**kw)
+        self.workspace = workspace
+        self.service = service
+        self.right_model: str | None = None
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="buttons", id="chat-controls"):
+            yield Select([], prompt="fine-tuned checkpoint", id="chat-ckpt")
+            yield Input(placeholder="system prompt (the run's own)", id="chat-system")
+            yield Input("0", id="chat-temperature", type="number")
+            yield Input("128", id="chat-max-tokens", type="integer")
+            yield Button("Reset", id="chat-reset")
+        yield Label("", id="chat-status")
+        with Horizontal(id="chat-sides"):
+            yield Transcript("base", id="chat-left")
+            yield Transcript("fine-tuned", id="chat-right")
+        yield Input(placeholder="ask both… (enter sends)", id="chat-input")
+
+    def on_mount(self) -> None:
+        self.refresh_checkpoints()
+
+    def refresh_checkpoints(self) -> None:
+        sel = self.query_one("#chat-ckpt", Select)
+        keep = sel.value
+        choices = checkpoint_choices(self.workspace)
+        with self.prevent(Select.Changed):
+            sel.set_options(choices)
+            if keep is not Select.BLANK and any(v == keep for _, v in choices):
+                sel.value = keep
+
+    def status(self, text: str, style: str = "dim") -> None:
+        self.query_one("#chat-status", Label).update(Text(text, style=style))
+
+    def pick(self, checkpoint: Path) -> None:
+        self.refresh_checkpoints()
+        self.query_one("#chat-ckpt", Select).value = str(checkpoint)
+
+    @on(Select.Changed, "#chat-ckpt")
+    def checkpoint_changed(self, event: Select.Changed) -> None:
+        if event.value is not Select.BLANK:
+            self._connect(Path(str(event.value)))
+
+    @work(thread=True, exclusive=True, group="chat-connect", exit_on_error=False)
+    def _connect(self, ckpt: Path) -> None:
+        base = base_of(ckpt)
+        say = lambda t, s="dim": self.app.call_from_thread(self.status, t, s)  # noqa: E731
+        if not base:
+            say(f"{ckpt}: no tunedeck.json naming its base model", "red")
+            return
+        try:
+            self.service.ensure(base, say)
+            name = f"{ckpt.parent.name}-{ckpt.name}"
+            self.service.add_adapter(name, ckpt)
+        except ServiceError as e:
+            say(str(e), "bold red")
+            return
+        self.right_model = name
+        self.app.call_from_thread(self.query_one("#chat-left", Transcript).set_title, f"base · {Path(base).name}")
+        self.app.call_from_thread(self.query_one("#chat-right", Transcript).set_title, name)
+        say(f"ready: {self.service.url}", "green")
+
+    @on(Input.Submitted, "#chat-input")
+    def send(self, event: Input.Submitted) -> None:
+        prompt = event.value.strip()
+        if not prompt:
+            return
+        if self.right_model is None:
+            self.app.notify("pick a fine-tuned checkpoint first (it starts the service)", severity="warning")
+            return
+        event.input.value = ""
+        for side, model in (("#chat-left", "base"), ("#chat-right", self.right_model)):
+            t = self.query_one(side, Transcript)
+            t.ask(prompt)
+            self._stream(t, model, prompt)
+
+    def params(self) -> dict:
+        def num(id_: str, default: float) -> float:
+            try:
+                return float(self.query_one(id_, Input).value)
+            except ValueError:
+                return default
+        p = {"temperature": num("#chat-temperature", 0.0), "max_tokens": int(num("#chat-max-tokens", 128))}
+        return p
+
+    def system(self) -> list[dict]:
+        s = self.query_one("#chat-system", Input).value.strip()
+        return [{"role": "system", "content": s}] if s else []
+
+    @work(thread=True, exit_on_error=False)
+    def _stream(self, side: Transcript, model: str, prompt: str) -> None:
+        messages = self.system() + side.history + [{"role": "user", "content": prompt}]
+        try:
+            for piece in self.service.stream(model, messages, **self.params()):
+                self.app.call_from_thread(side.piece, piece)
+        except ServiceError as e:
+            self.app.call_from_thread(side.done, prompt, str(e))
+            self.app.call_from_thread(self.status, str(e), "bold red")
+            return
+        self.app.call_from_thread(side.done, prompt)
+
+    @on(Button.Pressed, "#chat-reset")
+    def reset(self) -> None:
+        for t in self.query(Transcript):
+            t.reset()

@@ -1,0 +1,114 @@
+"""Data: the identity dataset wizard (name, count, answer, varied questions) and a dataset view —
+record count, token-length histogram, the first samples with the masked part dimmed, errors
+with file:line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Input, Label, Select, Static, Switch
+
+from engine.errors import UserError
+from engine.identity import DEFAULT_ANSWER, identity_records, write_identity
+
+from ..workspace import run_engine, workspace_configs
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def histogram_text(hist: list[list[int]], width: int = 40) -> Text:
+    peak = max((c for _, _, c in hist), default=1) or 1
+    out = Text()
+    for lo, hi, c in hist:
+        bar = "█" * max(1 if c else 0, round(width * c / peak))
+        out.append(f"{lo:>6}-{hi:<6} ", style="dim")
+        out.append(bar, style="cyan")
+        out.append(f" {c}\n")
+    return out
+
+
+class DataPane(Horizontal):
+    def __init__(self, workspace: Path, **kw):
+        super().__init__(**kw)
+        self.workspace = workspace
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="wizard"):
+            yield Label("[b]Identity dataset[/b] (the seed's generate_data.py)")
+            yield Label("whose assistant")
+            yield Input(placeholder="your name", id="id-name")
+            yield Label("repetitions (n+1 records)")
+            yield Input("10000", id="id-n", type="integer")
+            yield Label("answer ({name} is replaced)")
+            yield Input(DEFAULT_ANSWER, id="id-answer")
+            with Horizontal(classes="field-input"):
+                yield Switch(True, id="id-varied")
+                yield Label(" vary the question (你是谁, Who are you? …)")
+            yield Label("write to")
+            yield Input("data/personal_assistant.json", id="id-out")
+            yield Button("Generate", variant="primary", id="id-generate")
+        with Vertical(id="dataset"):
+            with Horizontal(classes="buttons"):
+                yield Select([], prompt="recipe whose data to check", id="ds-config")
+                yield Button("Check", id="ds-check")
+            with VerticalScroll(id="ds-box"):
+                yield Static("", id="ds-view")
+
+    def on_mount(self) -> None:
+        self.refresh_configs()
+
+    def refresh_configs(self) -> None:
+        self.query_one("#ds-config", Select).set_options(
+            [(p.stem, str(p)) for p in workspace_configs(self.workspace)])
+
+    @on(Button.Pressed, "#id-generate")
+    def generate(self) -> None:
+        name = self.query_one("#id-name", Input).value.strip()
+        try:
+            n = int(self.query_one("#id-n", Input).value or "0")
+            recs = identity_records(name, n, self.query_one("#id-answer", Input).value,
+                                    self.query_one("#id-varied", Switch).value)
+            out = self.workspace / self.query_one("#id-out", Input).value.strip()
+            write_identity(out, recs)
+        except (UserError, ValueError) as e:
+            self.app.notify(str(e), severity="error")
+            return
+        self.app.notify(f"wrote {len(recs)} records to {out.relative_to(self.workspace)}")
+
+    @on(Button.Pressed, "#ds-check")
+    def check(self) -> None:
+        cfg = self.query_one("#ds-config", Select).value
+        if cfg is Select.BLANK:
+            self.app.notify("pick a workspace recipe", severity="warning")
+            return
+        self.query_one("#ds-view", Static).update(Text("tokenizing…", style="dim"))
+        self._check(str(cfg))
+
+    @work(thread=True, exclusive=True, group="data-check", exit_on_error=False)
+    def _check(self, cfg: str) -> None:
+        proc = run_engine(self.workspace, "data", "check", cfg, "--json", timeout=600)
+        view = self.query_one("#ds-view", Static)
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] or proc.stderr.splitlines()[-3:]
+            self.app.call_from_thread(view.update, Text("\n".join(errors), style="bold red"))
+            return
+        d = json.loads(proc.stdout.strip().splitlines()[-1])
+        s = d["length"]
+        out = Text()
+        out.append(f"{d['data_path']}\n", style="bold")
+        out.append(f"{d['records']} records · template {d['template']} · {d['truncated']} truncated to "
+                   f"{d['max_length']} tokens · {d['dropped']} dropped\n")
+        out.append(f"tokens: min {s['min']}  mean {s['mean']}  median {s['median']}  p95 {s['p95']}  max {s['max']}\n\n")
+        out.append("token lengths\n", style="bold")
+        out.append_text(histogram_text(d["histogram"]))
+        for i, segs in enumerate(d["samples"]):
+            out.append(f"\nsample {i} (masked part dimmed)\n", style="bold")
+            for text, masked in segs:
+                out.append(text, style="dim" if masked else "green")
+            out.append("\n")
+        self.app.call_from_thread(view.update, out)
