@@ -1,0 +1,73 @@
+"""How each screen looks (pytest-textual-snapshot): a fixed workspace with a recipe, a finished
+run and a dataset, rendered at 100x30. `pytest tests/test_snapshots.py --snapshot-update` after
+an intended change, then look at the SVGs under tests/__snapshots__/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_RECIPE
+
+from engine.catalogue import COPIED_FROM
+
+WS = Path("/tmp/tunedeck-snapshot-workspace")     # fixed: the path shows in the header
+
+
+@pytest.fixture
+def snapshot_workspace() -> Path:
+    if WS.exists():
+        shutil.rmtree(WS)
+    (WS / "configs").mkdir(parents=True)
+    (WS / "configs" / "my_demo.yaml").write_text(f"{COPIED_FROM}demo_tiny_qlora_self\n" + DEMO_RECIPE.read_text()
+                                                .replace("lr: 2e-3", "lr: 1e-3"))
+    (WS / "data").mkdir()
+    (WS / "data" / "identity.jsonl").write_text(json.dumps(
+        {"messages": [{"role": "user", "content": "Who are you?"},
+                      {"role": "assistant", "content": "I am Ada's assistant."}]}) + "\n")
+    run = WS / "work_dirs" / "my_demo"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(DEMO_RECIPE.read_text())
+    (run / "status.json").write_text(json.dumps({"state": "finished", "pid": 1, "step": 20, "total_steps": 20,
+                                                 "eta_s": 0, "loss": 0.0123, "error": None}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "epoch": s / 20, "loss": round(6.5 * 0.8 ** s, 4), "lr": 1e-3, "grad_norm": 1.0 / s,
+         "tokens_per_s": 5000.0, "gpu_mem_gib": None}) + "\n" for s in range(1, 21)))
+    (run / "train.log").write_text("".join(f"step {s}/20  loss {6.5 * 0.8 ** s:.4f}\n" for s in range(1, 21)))
+    (run / "evals.jsonl").write_text(json.dumps({"step": 20, "prompt": "Who are you?",
+                                                 "answer": "I am Ada's assistant."}) + "\n")
+    ck = run / "checkpoint-20"
+    ck.mkdir()
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 20, "epoch": 1, "window": 0}))
+    (ck / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32, "peft_type": "LORA",
+                                                        "target_modules": ["q_proj", "v_proj"]}))
+    yield WS
+    shutil.rmtree(WS, ignore_errors=True)
+
+
+def app_for(ws: Path):
+    from tui.app import TunedeckApp
+
+    return TunedeckApp(ws)
+
+
+@pytest.mark.parametrize("key", ["1", "3", "4", "5", "6"])
+def test_screen_snapshot(snap_compare, snapshot_workspace, key):
+    async def settle(pilot):
+        await pilot.pause(0.8)
+        pilot.app.set_focus(None)          # no blinking cursor in the picture
+
+    assert snap_compare(app_for(snapshot_workspace), press=[key], terminal_size=(100, 30), run_before=settle)
+
+
+def test_editor_snapshot(snap_compare, snapshot_workspace):
+    async def open_recipe(pilot):
+        from tui.messages import EditConfig
+
+        pilot.app.post_message(EditConfig(snapshot_workspace / "configs" / "my_demo.yaml"))
+        await pilot.pause(0.8)
+        pilot.app.set_focus(None)
+
+    assert snap_compare(app_for(snapshot_workspace), terminal_size=(100, 30), run_before=open_recipe)
