@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["TEXTUAL_ANIMATIONS"] = "none"    # snapshots must not catch an animation half-way
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "configs" / "demo" / "demo_tiny_qlora_self.yaml"

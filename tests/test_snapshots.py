@@ -47,6 +47,18 @@ def snapshot_workspace() -> Path:
     shutil.rmtree(WS, ignore_errors=True)
 
 
+async def still(pilot) -> None:
+    """Let the screen settle, then take away anything that blinks."""
+    from textual.widgets import Input
+
+    await pilot.pause(1.0)
+    await pilot.wait_for_scheduled_animations()
+    for w in pilot.app.query(Input):
+        w.cursor_blink = False
+    pilot.app.set_focus(None)
+    await pilot.pause(0.3)
+
+
 def app_for(ws: Path):
     from tui.app import TunedeckApp
 
@@ -56,8 +68,7 @@ def app_for(ws: Path):
 @pytest.mark.parametrize("key", ["1", "3", "4", "5", "6"])
 def test_screen_snapshot(snap_compare, snapshot_workspace, key):
     async def settle(pilot):
-        await pilot.pause(0.8)
-        pilot.app.set_focus(None)          # no blinking cursor in the picture
+        await still(pilot)
 
     assert snap_compare(app_for(snapshot_workspace), press=[key], terminal_size=(100, 30), run_before=settle)
 
@@ -67,7 +78,6 @@ def test_editor_snapshot(snap_compare, snapshot_workspace):
         from tui.messages import EditConfig
 
         pilot.app.post_message(EditConfig(snapshot_workspace / "configs" / "my_demo.yaml"))
-        await pilot.pause(0.8)
-        pilot.app.set_focus(None)
+        await still(pilot)
 
     assert snap_compare(app_for(snapshot_workspace), terminal_size=(100, 30), run_before=open_recipe)
