@@ -89,15 +89,21 @@ async def responsiveness(ws: Path, run: Path, seconds: float = 5.0) -> dict:
         await pilot.pause(0.5)
         thread = threading.Thread(target=writer, daemon=True)
         thread.start()
+        from textual import events
+
+        tabs = app.query_one("#tabs")
         t_end = time.perf_counter() + seconds
-        keys = ["1", "3"]
+        keys = [("1", "configs"), ("3", "runs")]
         i = 0
         while time.perf_counter() < t_end:
+            key, want = keys[i % 2]
             t0 = time.perf_counter()
-            await pilot.press(keys[i % 2])
+            app.post_message(events.Key(key, key))       # as a terminal would deliver it
+            while tabs.active != want and time.perf_counter() - t0 < 5:
+                await asyncio.sleep(0.002)
             latencies.append(time.perf_counter() - t0)
             i += 1
-            await pilot.pause(0.1)
+            await asyncio.sleep(0.2)
         stop.set()
         thread.join()
         shown = app.query_one("#rv-log").line_count

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from .errors import ConfigError
+from .fsutil import atomic_write_text  # noqa: F401  (re-exported)
 from .templates import TEMPLATE_NAMES
 
 DEEPSPEED_CHOICES = ("none", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
@@ -348,20 +348,6 @@ class RecipeDocument:
         atomic_write_text(target, self.dumps())
         self.path = target
         return target
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[RecipeDocument, Recipe]:

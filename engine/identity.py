@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from .config import atomic_write_text
+from .fsutil import atomic_write_text
 from .errors import UserError
 
 DEFAULT_QUESTION = "请做一下自我介绍"

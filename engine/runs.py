@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import atomic_write_text
+from .fsutil import atomic_write_text
 from .errors import UserError
 
 STATES = ("starting", "running", "finished", "failed", "stopped")

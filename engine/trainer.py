@@ -625,6 +625,6 @@ def _truncate_after(run: RunDirectory, step: int) -> None:
             continue
         keep = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        from .config import atomic_write_text
+        from .fsutil import atomic_write_text
 
         atomic_write_text(path, "".join(x + "\n" for x in keep))

@@ -224,3 +224,21 @@ async def test_chat_streams_two_different_answers_side_by_side(trained_workspace
         assert left.history[1]["content"] and left.history[1]["content"] != identity
         assert app.service.proc is not None
     assert app.service.proc is None            # the service this app started stopped with it
+
+
+async def test_opening_and_saving_a_recipe_unchanged_keeps_the_file_byte_for_byte(tmp_path):
+    from tui.app import TunedeckApp
+    from tui.messages import EditConfig
+
+    src = REPO / "configs/demo/demo_tiny_qlora_self.yaml"
+    mine = tmp_path / "configs" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text(src.read_text())
+    app = TunedeckApp(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.post_message(EditConfig(mine))
+        await pilot.pause(1.0)
+        assert str(app.query_one("#f-model--dtype").value) == "float32"      # not the first choice
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.3)
+    assert mine.read_text() == src.read_text()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from pathlib import Path
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
+from textual.lazy import Lazy
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from .client import ServiceClient
@@ -48,7 +50,7 @@ class TunedeckCommands(Provider):
 
 
 class TunedeckApp(App):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).parent / "app.tcss"   # absolute: subclasses elsewhere find it too
     TITLE = "tunedeck"
     COMMANDS = App.COMMANDS | {TunedeckCommands}
     BINDINGS = [
@@ -80,16 +82,17 @@ class TunedeckApp(App):
         with TabbedContent(initial="configs", id="tabs"):
             with TabPane("Configs", id="configs"):
                 yield ConfigsPane(self.workspace, id="configs-pane")
+            # the hidden screens are built right after the first frame, not before it
             with TabPane("Editor", id="editor"):
-                yield EditorPane(self.workspace, id="editor-pane")
+                yield Lazy(EditorPane(self.workspace, id="editor-pane"))
             with TabPane("Runs", id="runs"):
-                yield RunsPane(self.workspace, id="runs-pane")
+                yield Lazy(RunsPane(self.workspace, id="runs-pane"))
             with TabPane("Chat", id="chat"):
-                yield ChatPane(self.workspace, self.service, id="chat-pane")
+                yield Lazy(ChatPane(self.workspace, self.service, id="chat-pane"))
             with TabPane("Files", id="files"):
-                yield FilesPane(self.workspace, id="files-pane")
+                yield Lazy(FilesPane(self.workspace, id="files-pane"))
             with TabPane("Data", id="data"):
-                yield DataPane(self.workspace, id="data-pane")
+                yield Lazy(DataPane(self.workspace, id="data-pane"))
         yield Footer()
 
     FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form Input", "runs": "#runs-table", "chat": "#chat-input",
@@ -108,7 +111,8 @@ class TunedeckApp(App):
         if self.screen_stack:
             self.refresh_bindings()
         if event.pane is not None and event.pane.id == "chat":
-            self.query_one(ChatPane).refresh_checkpoints()
+            for pane in self.query(ChatPane):
+                pane.refresh_checkpoints()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """A screen's keys work (and show in the footer) while its tab is active."""
@@ -125,14 +129,20 @@ class TunedeckApp(App):
         pane = self.query_one(f"#{tab}-pane")
         getattr(pane, f"action_{action}")()
 
-    def on_edit_config(self, message: EditConfig) -> None:
-        self.query_one(EditorPane).load(message.path)
+    async def on_edit_config(self, message: EditConfig) -> None:
+        for _ in range(500):                 # the editor is built lazily, right after the first frame
+            if self.query(EditorPane):
+                break
+            await asyncio.sleep(0.01)
+        await self.query_one(EditorPane).load(message.path)
         self.action_show("editor")
 
     def on_configs_changed(self, message: ConfigsChanged) -> None:
         self.query_one(ConfigsPane).refresh_tree(select=message.path)
-        self.query_one(RunsPane).refresh_configs()
-        self.query_one(DataPane).refresh_configs()
+        for pane in self.query(RunsPane):
+            pane.refresh_configs()
+        for pane in self.query(DataPane):
+            pane.refresh_configs()
 
     def on_chat_with(self, message: ChatWith) -> None:
         self.query_one(ChatPane).pick(message.path)

@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
-
 from .workspace import engine_command, engine_env
 
 
@@ -39,6 +37,8 @@ class ServiceClient:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def health(self) -> dict | None:
+        import httpx
+
         if not self.url:
             return None
         try:
@@ -83,6 +83,8 @@ class ServiceClient:
         return lines[-1][-120:] if lines else ""
 
     def add_adapter(self, name: str, path: Path) -> dict:
+        import httpx
+
         r = httpx.post(f"{self.url}/v1/adapters", json={"name": name, "path": str(path)}, headers=self.headers,
                        timeout=300)
         if r.status_code != 200:
@@ -90,6 +92,8 @@ class ServiceClient:
         return r.json()
 
     def stream(self, model: str, messages: list[dict], **params) -> Iterator[str]:
+        import httpx
+
         body = {"model": model, "messages": messages, "stream": True, **params}
         try:
             with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, headers=self.headers,

@@ -19,7 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, Select, Static, Switch
 
 from engine import catalogue
-from engine.config import RecipeDocument, diff, field_specs, validate
+from engine.config import RecipeDocument, diff, field_specs, parse_value, validate
 from engine.errors import ConfigError, UserError
 
 from ..messages import ConfigsChanged
@@ -109,29 +109,41 @@ class EditorPane(Vertical):
             yield Button("Save as", id="ed-save-as", disabled=True)
             yield Button("$EDITOR (ctrl+e)", id="ed-external", disabled=True)
             yield Static("", id="ed-status")
-        with VerticalScroll(id="ed-form"):
-            for spec in field_specs():
-                with Vertical(classes="field", id=widget_id(spec.path) + "-row"):
-                    yield Label(f"[b]{spec.path}[/b]  [dim]{spec.help}[/dim]", classes="field-label")
-                    with Horizontal(classes="field-input"):
-                        if spec.annotation is bool:
-                            yield Switch(id=widget_id(spec.path))
-                        elif spec.choices:
-                            yield Select([(c, c) for c in spec.choices], allow_blank=False, id=widget_id(spec.path))
-                        else:
-                            yield Input(id=widget_id(spec.path))
-                        if spec.path in PATH_FIELDS:
-                            yield Button("…", id=widget_id(spec.path) + "-pick", classes="pick")
-                    yield Label("", classes="field-error", id=widget_id(spec.path) + "-error")
-            yield Static("", id="ed-diff")
+        yield VerticalScroll(id="ed-form")
+
+    def _field_rows(self) -> list[Vertical]:
+        """The form, built the first time a recipe is opened (not at start-up)."""
+        rows = []
+        for spec in field_specs():
+            if spec.annotation is bool:
+                widget = Switch(id=widget_id(spec.path))
+            elif spec.choices:
+                widget = Select([(c, c) for c in spec.choices], allow_blank=False, id=widget_id(spec.path))
+            else:
+                widget = Input(id=widget_id(spec.path))
+            parts = [widget]
+            if spec.path in PATH_FIELDS:
+                parts.append(Button("…", id=widget_id(spec.path) + "-pick", classes="pick"))
+            rows.append(Vertical(
+                Label(f"[b]{spec.path}[/b]  [dim]{spec.help}[/dim]", classes="field-label"),
+                Horizontal(*parts, classes="field-input"),
+                Label("", classes="field-error", id=widget_id(spec.path) + "-error"),
+                classes="field", id=widget_id(spec.path) + "-row"))
+        rows.append(Static("", id="ed-diff"))
+        return rows
 
     # -- loading
-    def load(self, path: Path) -> None:
+    async def load(self, path: Path) -> None:
         try:
-            self.doc = RecipeDocument.load(path)
+            doc = RecipeDocument.load(path)
         except ConfigError as e:
             self.app.notify(str(e), severity="error")
             return
+        form = self.query_one("#ed-form", VerticalScroll)
+        if not form.children:
+            self._loading = True
+            await form.mount_all(self._field_rows())
+        self.doc = doc
         self._loading = True
         try:
             for spec in field_specs():
@@ -159,6 +171,13 @@ class EditorPane(Vertical):
         if self.doc is None or self._loading:
             return
         spec = next(s for s in field_specs() if s.path == path)
+        new = parse_value(raw) if isinstance(raw, str) else raw
+        current = self.doc.get(path)
+        if current is None:
+            current = spec.default           # a key the file leaves out has its default
+        if new == current or (raw == "" and current is None) or (
+                isinstance(current, (list, tuple)) and isinstance(new, (list, tuple)) and list(new) == list(current)):
+            return          # echoes of loading the form (widgets report their values late)
         if isinstance(raw, str) and raw == "" and not spec.required and spec.default is None:
             self.doc.unset(path)
         else:
@@ -203,17 +222,17 @@ class EditorPane(Vertical):
     @on(Input.Changed)
     def input_changed(self, event: Input.Changed) -> None:
         if event.input.id and event.input.id.startswith("f-"):
-            self._apply(event.input.id[2:].replace("--", "."), event.value)
+            self._apply(event.input.id[2:].replace("--", "."), event.input.value)
 
     @on(Switch.Changed)
     def switch_changed(self, event: Switch.Changed) -> None:
         if event.switch.id and event.switch.id.startswith("f-"):
-            self._apply(event.switch.id[2:].replace("--", "."), event.value)
+            self._apply(event.switch.id[2:].replace("--", "."), event.switch.value)
 
     @on(Select.Changed)
     def select_changed(self, event: Select.Changed) -> None:
-        if event.select.id and event.select.id.startswith("f-") and event.value is not Select.BLANK:
-            self._apply(event.select.id[2:].replace("--", "."), event.value)
+        if event.select.id and event.select.id.startswith("f-") and event.select.value is not Select.BLANK:
+            self._apply(event.select.id[2:].replace("--", "."), event.select.value)
 
     @on(Button.Pressed, ".pick")
     def pick_path(self, event: Button.Pressed) -> None:
@@ -255,7 +274,7 @@ class EditorPane(Vertical):
                 self.app.notify("\n".join(e.problems), severity="error")
                 return
             self.app.notify(f"saved as {target.name}")
-            self.load(target)
+            self.app.call_later(self.load, target)
             self.post_message(ConfigsChanged(target))
 
         self.app.push_screen(SaveAsDialog(self.doc.path.stem), done)
@@ -267,4 +286,4 @@ class EditorPane(Vertical):
         editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
         with self.app.suspend():
             subprocess.call([*shlex.split(editor), str(self.doc.path)])
-        self.load(self.doc.path)
+        self.app.call_later(self.load, self.doc.path)

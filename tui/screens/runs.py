@@ -4,6 +4,7 @@ answers; stop and resume. Runs live in their own processes: quitting the app nev
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.text import Text
@@ -32,13 +33,15 @@ class LogTail:
         self.offset = 0
         self.max_bytes = max_bytes
         self.partial = ""
+        self.restarted = False
 
     def read_new(self) -> list[str]:
         try:
             size = self.path.stat().st_size
         except OSError:
             return []
-        if size < self.offset:        # rewritten: start over
+        self.restarted = size < self.offset
+        if self.restarted:            # rewritten: start over
             self.offset, self.partial = 0, ""
         if size == self.offset:
             return []
@@ -53,6 +56,19 @@ class LogTail:
         return lines
 
 
+class JsonlTail(LogTail):
+    """New records of a growing .jsonl file."""
+
+    def read_records(self) -> list[dict]:
+        out = []
+        for line in self.read_new():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
 class RunView(Vertical):
     """One run, live."""
 
@@ -63,6 +79,7 @@ class RunView(Vertical):
         self.n_metrics = 0
         self.n_evals = 0
         self.losses: list[float] = []
+        self._last_state: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("Pick a run.", id="rv-title")
@@ -79,6 +96,10 @@ class RunView(Vertical):
     def show(self, path: Path) -> None:
         self.run = RunDirectory(path)
         self.tail = LogTail(self.run.log_path)
+        self.metrics_tail = JsonlTail(self.run.metrics_path)
+        self.evals_tail = JsonlTail(self.run.evals_path)
+        self.evals: list[dict] = []
+        self._last_state = None
         self.n_metrics = self.n_evals = 0
         self.losses = []
         self.query_one("#rv-log", Log).clear()
@@ -97,7 +118,9 @@ class RunView(Vertical):
         self.query_one("#rv-title", Static).update(title)
         bar = self.query_one("#rv-progress", ProgressBar)
         bar.update(total=max(total, 1), progress=step)
-        new = self.run.metrics()[self.n_metrics:]
+        new = self.metrics_tail.read_records()
+        if new and new[0]["step"] <= len(self.losses):   # the file was rewritten on a resume
+            self.losses = self.losses[: new[0]["step"] - 1]
         if new:
             self.n_metrics += len(new)
             self.losses += [m["loss"] for m in new]
@@ -114,15 +137,21 @@ class RunView(Vertical):
             lines = self.tail.read_new()
             if lines:
                 self.query_one("#rv-log", Log).write_lines(lines)
-        evals = self.run.evals()
-        if len(evals) != self.n_evals:
+        fresh = self.evals_tail.read_records()
+        if self.evals_tail.restarted:
+            self.evals = []
+        if fresh:
+            self.evals += fresh
+            evals = self.evals
             self.n_evals = len(evals)
             self.query_one("#rv-evals", Static).update(Text("\n").join(
                 Text.assemble((f"@{e['step']} ", "dim"), (e["prompt"], "bold"), " → ", e["answer"])
                 for e in evals[-30:]))
         self.query_one("#rv-stop", Button).disabled = state not in ("running", "starting")
-        self.query_one("#rv-resume", Button).disabled = state in ("running", "starting") or \
-            self.run.latest_checkpoint() is None or state == "finished"
+        if state != self._last_state:   # listing checkpoints is a directory scan: only on changes
+            self._last_state = state
+            self.query_one("#rv-resume", Button).disabled = state in ("running", "starting") or \
+                self.run.latest_checkpoint() is None or state == "finished"
 
 
 class RunsPane(Horizontal):
@@ -158,11 +187,17 @@ class RunsPane(Horizontal):
     def refresh_runs(self) -> None:
         table = self.query_one("#runs-table", DataTable)
         runs = find_runs(self.workspace / "work_dirs")
+        summaries = [r.status() for r in runs]
+        signature = [(str(r.path), st.get("state"), st.get("step"), st.get("loss")) for r, st in zip(runs, summaries)]
+        if signature == getattr(self, "_signature", None):
+            return
+        self._signature = signature
         keep = table.cursor_row
         table.clear()
         self.rows = [r.path for r in runs]
-        for r in runs:
-            s = r.summary()
+        for r, st in zip(runs, summaries):
+            s = {"state": st.get("state", "unknown"), "step": st.get("step", 0), "total_steps": st.get("total_steps"),
+                 "loss": st.get("loss"), "eta_s": st.get("eta_s")}
             loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
             eta = format_eta(s["eta_s"]) if s["state"] == "running" else "-"
             table.add_row(r.path.name, Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
@@ -173,7 +208,9 @@ class RunsPane(Horizontal):
     def tick(self) -> None:
         if not self.is_attached or not self.display:
             return
-        self.refresh_runs()
+        self._ticks = getattr(self, "_ticks", 0) + 1
+        if self._ticks % 2 == 0:
+            self.refresh_runs()
         self.query_one(RunView).refresh_view()
 
     @on(DataTable.RowHighlighted, "#runs-table")
