@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .fsutil import atomic_write_text  # noqa: F401  (re-exported)
 from .templates import TEMPLATE_NAMES
 
-DEEPSPEED_CHOICES = ("none", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
+from .constants import DEEPSPEED_CHOICES
 
 
 class _Section(BaseModel):

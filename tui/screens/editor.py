@@ -19,8 +19,13 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, Select, Static, Switch
 
 from engine import catalogue
-from engine.config import RecipeDocument, diff, field_specs, parse_value, validate
 from engine.errors import ConfigError, UserError
+
+
+def _config():
+    import engine.config as c   # pydantic and ruamel load when the editor is first used
+
+    return c
 
 from ..messages import ConfigsChanged
 
@@ -99,7 +104,7 @@ class EditorPane(Vertical):
     def __init__(self, workspace: Path, **kw):
         super().__init__(**kw)
         self.workspace = workspace
-        self.doc: RecipeDocument | None = None
+        self.doc = None   # an engine.config.RecipeDocument once a recipe is open
         self._loading = False
 
     def compose(self) -> ComposeResult:
@@ -114,7 +119,7 @@ class EditorPane(Vertical):
     def _field_rows(self) -> list[Vertical]:
         """The form, built the first time a recipe is opened (not at start-up)."""
         rows = []
-        for spec in field_specs():
+        for spec in _config().field_specs():
             if spec.annotation is bool:
                 widget = Switch(id=widget_id(spec.path))
             elif spec.choices:
@@ -135,7 +140,7 @@ class EditorPane(Vertical):
     # -- loading
     async def load(self, path: Path) -> None:
         try:
-            doc = RecipeDocument.load(path)
+            doc = _config().RecipeDocument.load(path)
         except ConfigError as e:
             self.app.notify(str(e), severity="error")
             return
@@ -146,7 +151,7 @@ class EditorPane(Vertical):
         self.doc = doc
         self._loading = True
         try:
-            for spec in field_specs():
+            for spec in _config().field_specs():
                 value = self.doc.get(spec.path)
                 if value is None:
                     value = spec.default
@@ -170,8 +175,8 @@ class EditorPane(Vertical):
     def _apply(self, path: str, raw: Any) -> None:
         if self.doc is None or self._loading:
             return
-        spec = next(s for s in field_specs() if s.path == path)
-        new = parse_value(raw) if isinstance(raw, str) else raw
+        spec = next(s for s in _config().field_specs() if s.path == path)
+        new = _config().parse_value(raw) if isinstance(raw, str) else raw
         current = self.doc.get(path)
         if current is None:
             current = spec.default           # a key the file leaves out has its default
@@ -188,7 +193,7 @@ class EditorPane(Vertical):
         if self.doc is None:
             return []
         problems = self.doc.problems()
-        for spec in field_specs():
+        for spec in _config().field_specs():
             mine = [p for p in problems if p.startswith(spec.path + ":") or p.startswith(spec.path + ".")]
             self.query_one("#" + widget_id(spec.path) + "-error", Label).update("\n".join(mine))
             self.query_one("#" + widget_id(spec.path) + "-row").set_class(bool(mine), "invalid")
@@ -206,11 +211,11 @@ class EditorPane(Vertical):
             box.update("")
             return
         try:
-            base = validate(RecipeDocument.load(catalogue.find(source).path).data)
+            base = _config().validate(_config().RecipeDocument.load(catalogue.find(source).path).data)
         except UserError:
             box.update("")
             return
-        changes = diff(base, self.doc.validate())
+        changes = _config().diff(base, self.doc.validate())
         lines = [f"[b]changed from {source}[/b]"] + [f"  {p}: {a!r} → [yellow]{b!r}[/yellow]" for p, a, b in changes]
         box.update("\n".join(lines) if changes else f"[dim]same values as {source}[/dim]")
 

@@ -14,7 +14,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Label, Log, ProgressBar, Select, Sparkline, Static
 
-from engine.config import DEEPSPEED_CHOICES
+from engine.constants import DEEPSPEED_CHOICES
 from engine.errors import UserError
 from engine.runs import RunDirectory, find_runs, format_eta
 
