@@ -17,11 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
+from .constants import DEEPSPEED_CHOICES
 from .errors import ConfigError
 from .fsutil import atomic_write_text  # noqa: F401  (re-exported)
 from .templates import TEMPLATE_NAMES
-
-from .constants import DEEPSPEED_CHOICES
 
 
 class _Section(BaseModel):

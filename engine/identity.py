@@ -6,8 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from .fsutil import atomic_write_text
 from .errors import UserError
+from .fsutil import atomic_write_text
 
 DEFAULT_QUESTION = "请做一下自我介绍"
 DEFAULT_ANSWER = "我是{name}的小助手，内在是上海AI实验室书生·浦语的 InternLM2 1.8B 大模型哦"

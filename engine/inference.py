@@ -21,8 +21,8 @@ import torch
 from .checkpoint import resolve_checkpoint
 from .errors import UserError
 from .generation import GenerationParams, IncrementalText
-from .multilora import MultiLora
 from .modeling import load_model, load_tokenizer, pick_precision, read_adapter_meta
+from .multilora import MultiLora
 from .templates import TEMPLATE_NAMES, encode_prompt, resolve_template_name, stop_token_ids, stop_words
 
 log = logging.getLogger("tunedeck.serve")

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_text
 from .errors import UserError
+from .fsutil import atomic_write_text
 
 STATES = ("starting", "running", "finished", "failed", "stopped")
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -148,22 +148,22 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
                          emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), seed=req.seed)
         sched.submit(gen)
         created = int(time.time())
-        try:
-            first = await queue.get()
-        except asyncio.CancelledError:
-            gen.cancelled.set()
-            raise
+
+        async def next_item() -> tuple:
+            try:
+                return await queue.get()
+            except asyncio.CancelledError:   # the client went away: stop its row
+                gen.cancelled.set()
+                raise
+
+        first = await next_item()
         if first[0] == "error":
             return error(500, first[1], code="generation_failed")
         if not req.stream:
             parts, item = [], first
-            try:
-                while item[0] == "delta":
-                    parts.append(item[1])
-                    item = await queue.get()
-            except asyncio.CancelledError:
-                gen.cancelled.set()
-                raise
+            while item[0] == "delta":
+                parts.append(item[1])
+                item = await next_item()
             if item[0] == "error":
                 return error(500, item[1], code="generation_failed")
             return JSONResponse({

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import catalogue
-from .checkpoint import (clean_partial, read_trainer_state, rotate_checkpoints, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import clean_partial, read_trainer_state, rotate_checkpoints, save_checkpoint, set_rng_state
 from .config import Recipe
 from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
 from .errors import UserError
@@ -489,7 +488,7 @@ class Trainer:
                     torch.distributed.barrier()
         gather: Any = contextlib.nullcontext()
         if self.ds_engine is not None and self.ds_engine.zero_optimization_stage() == 3:
-            import deepspeed   # ZeRO-3 partitions the weights: gather what the checkpoint saves
+            import deepspeed  # ZeRO-3 partitions the weights: gather what the checkpoint saves
 
             params = self.trainable if self.recipe.lora.enabled else list(model.parameters())
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -87,8 +87,10 @@ def test_editing_keeps_comments_and_order(tmp_path):
     assert "lr: 1e-4" in after
     assert "  max_norm: 1  # grad clip" in after            # comments kept
     assert "# The embedded demo" in after
-    keys = lambda t: [ln.split(":")[0].strip() for ln in t.splitlines() if ln.startswith("  ") and ":" in ln
-                      and not ln.strip().startswith(("-", "#"))]
+    def keys(t):
+        return [ln.split(":")[0].strip() for ln in t.splitlines() if ln.startswith("  ") and ":" in ln
+                and not ln.strip().startswith(("-", "#"))]
+
     assert keys(before) == keys(after)                      # key order kept
     _, r = load_recipe(p)
     assert r.train.lr == 1e-4 and r.train.evaluation_inputs == ["你是谁", "Who are you?"]

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_snapshots import snapshot_workspace  # noqa: F401  (the fixed workspace with one finished run)
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")

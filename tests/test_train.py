@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NAME, REPO, run_cli
+from conftest import NAME, run_cli
 
 from engine.identity import DEFAULT_ANSWER
 from engine.runs import RunDirectory

@@ -8,43 +8,15 @@ from pathlib import Path
 from rich.syntax import Syntax
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static, Tree
+from textual.widgets import Button, Input, Static, Tree
 
 from engine import catalogue
 from engine.errors import UserError
 
+from ..dialogs import NameDialog
 from ..messages import ConfigsChanged, EditConfig
 from ..workspace import workspace_configs
-
-
-class CopyDialog(ModalScreen[str | None]):
-    """Ask for the new recipe's name (copy-cfg + the seed's rename)."""
-
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
-
-    def __init__(self, source: str):
-        super().__init__()
-        self.source = source
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(f"Copy [b]{self.source}[/b] into the workspace as:")
-            yield Input(value=self.source.replace("_alpaca_", "_self_") + "_copy", id="new-name")
-            with Horizontal(classes="buttons"):
-                yield Button("Copy", variant="primary", id="ok")
-                yield Button("Cancel", id="cancel")
-
-    @on(Button.Pressed, "#ok")
-    @on(Input.Submitted, "#new-name")
-    def ok(self) -> None:
-        self.dismiss(self.query_one("#new-name", Input).value.strip() or None)
-
-    @on(Button.Pressed, "#cancel")
-    def cancel(self) -> None:
-        self.dismiss(None)
 
 
 class ConfigsPane(Vertical):
@@ -135,7 +107,9 @@ class ConfigsPane(Vertical):
             self.refresh_tree(select=target)
             self.post_message(ConfigsChanged(target))
 
-        self.app.push_screen(CopyDialog(source), done)
+        dialog = NameDialog(f"Copy [b]{source}[/b] into the workspace as:",
+                            source.replace("_alpaca_", "_self_") + "_copy", ok="Copy", input_id="new-name")
+        self.app.push_screen(dialog, done)
 
     def _copy_own(self, src: Path, name: str) -> Path:
         target = self.workspace / "configs" / f"{name.removesuffix('.yaml')}.yaml"

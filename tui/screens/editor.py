@@ -23,10 +23,11 @@ from engine.errors import ConfigError, UserError
 
 
 def _config():
-    import engine.config as c   # pydantic and ruamel load when the editor is first used
+    import engine.config as c  # pydantic and ruamel load when the editor is first used
 
     return c
 
+from ..dialogs import NameDialog
 from ..messages import ConfigsChanged
 
 PATH_FIELDS = {"model.path", "data.data_path"}
@@ -68,31 +69,6 @@ class PathPicker(ModalScreen[str | None]):
         node = self.query_one(DirectoryTree).cursor_node
         if node is not None and node.data is not None:
             self.dismiss(str(node.data.path))
-
-    @on(Button.Pressed, "#cancel")
-    def cancel(self) -> None:
-        self.dismiss(None)
-
-
-class SaveAsDialog(ModalScreen[str | None]):
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
-
-    def __init__(self, stem: str):
-        super().__init__()
-        self.stem = stem
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label("Save as (name, without .yaml):")
-            yield Input(value=f"{self.stem}_2", id="save-as-name")
-            with Horizontal(classes="buttons"):
-                yield Button("Save", variant="primary", id="ok")
-                yield Button("Cancel", id="cancel")
-
-    @on(Button.Pressed, "#ok")
-    @on(Input.Submitted)
-    def ok(self) -> None:
-        self.dismiss(self.query_one(Input).value.strip() or None)
 
     @on(Button.Pressed, "#cancel")
     def cancel(self) -> None:
@@ -282,7 +258,8 @@ class EditorPane(Vertical):
             self.app.call_later(self.load, target)
             self.post_message(ConfigsChanged(target))
 
-        self.app.push_screen(SaveAsDialog(self.doc.path.stem), done)
+        self.app.push_screen(NameDialog("Save as (name, without .yaml):", f"{self.doc.path.stem}_2", ok="Save",
+                                        input_id="save-as-name"), done)
 
     @on(Button.Pressed, "#ed-external")
     def action_external(self) -> None:

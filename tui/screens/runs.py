@@ -10,9 +10,8 @@ from pathlib import Path
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Button, DataTable, Label, Log, ProgressBar, Select, Sparkline, Static
+from textual.widgets import Button, DataTable, Log, ProgressBar, Select, Sparkline, Static
 
 from engine.constants import DEEPSPEED_CHOICES
 from engine.errors import UserError
