@@ -61,7 +61,7 @@ async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
         await pilot.pause()
         tree.focus()
         await pilot.press("c")
-        await pilot.pause()
+        await wait_for(pilot, lambda: app.screen.query("#new-name"), 20, "the copy dialog")
         name = app.screen.query_one("#new-name", Input)
         name.value = "internlm2_chat_1_8b_qlora_self_e2"
         await pilot.press("enter")
@@ -71,8 +71,8 @@ async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
 
         app.query_one("#configs-pane").selected = copied
         app.query_one("#configs-pane").action_edit()
-        await pilot.pause()
-        assert app.query_one("#tabs").active == "editor"
+        await wait_for(pilot, lambda: app.query("#f-train--lr") and app.query_one("#tabs").active == "editor",
+                       30, "the editor form")
         lr = app.query_one("#f-train--lr", Input)
         lr.value = "abc"
         await pilot.pause()
@@ -237,7 +237,8 @@ async def test_opening_and_saving_a_recipe_unchanged_keeps_the_file_byte_for_byt
     app = TunedeckApp(tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
         app.post_message(EditConfig(mine))
-        await pilot.pause(1.0)
+        await wait_for(pilot, lambda: app.query("#f-model--dtype"), 30, "the editor form")
+        await pilot.pause(0.5)
         assert str(app.query_one("#f-model--dtype").value) == "float32"      # not the first choice
         await pilot.press("ctrl+s")
         await pilot.pause(0.3)
