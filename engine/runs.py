@@ -92,6 +92,8 @@ class RunDirectory:
             st = json.loads(self.status_path.read_text())
         except (OSError, ValueError):
             return {"state": "unknown"}
+        if st.get("state") == "starting" and not st.get("pid"):
+            return st        # the launcher has not written the pid yet
         if st.get("state") in ("running", "starting") and not pid_alive(st.get("pid")):
             st["state"] = "failed"
             st.setdefault("error", None)
