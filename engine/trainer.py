@@ -585,7 +585,7 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
     setup_logging(run, console, rank)
     if rank == 0:
         clean_partial(run)
-        run.write_status(state="starting", pid=os.getpid(), step=resume_from and 0 or 0, error=None,
+        run.write_status(state="starting", pid=os.getpid(), step=0, error=None,
                          config_name=config_name, started=time.time(), resumed_from=str(resume_from or "") or None)
     trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name, console=console)
     old_handlers = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
