@@ -384,7 +384,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import find_runs, format_eta
+    from .runs import find_runs, format_eta, format_loss
 
     rows = [r.summary() for r in find_runs(args.root)]
     if args.json:
@@ -396,7 +396,7 @@ def cmd_runs(args) -> int:
     print(f"{'RUN':<40} {'STATE':<9} {'STEP':>11} {'LOSS':>8} {'ETA':>8}  INFO")
     for r in rows:
         prog = f"{r['step']}/{r['total_steps'] or '?'}"
-        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        loss = format_loss(r["loss"])
         info = r["error"] if r["state"] == "failed" else (r["latest_checkpoint"] or "")
         eta = format_eta(r["eta_s"]) if r["state"] == "running" else "-"
         rel = os.path.relpath(r["run"])

@@ -127,9 +127,10 @@ class RunDirectory:
         cps = self.checkpoints()
         return cps[-1] if cps else None
 
-    def summary(self) -> dict[str, Any]:
-        st = self.status()
-        latest = self.latest_checkpoint()
+    def summary(self, status: dict[str, Any] | None = None, with_checkpoint: bool = True) -> dict[str, Any]:
+        """One row of `tunedeck runs`; ``with_checkpoint=False`` skips the directory scan (the TUI's tick)."""
+        st = status if status is not None else self.status()
+        latest = self.latest_checkpoint() if with_checkpoint else None
         return {"run": str(self.path), "name": self.path.name, "state": st.get("state", "unknown"),
                 "step": st.get("step", 0), "total_steps": st.get("total_steps"), "eta_s": st.get("eta_s"),
                 "loss": st.get("loss"), "error": st.get("error"), "pid": st.get("pid"),
@@ -187,6 +188,10 @@ def resolve_run(ref: str | Path, root: str | Path = "work_dirs") -> RunDirectory
         if r.path.name == str(ref):
             return r
     raise UserError(f"{ref}: no run directory (looked for {p / 'status.json'} and runs named so under {root})")
+
+
+def format_loss(loss: Any) -> str:
+    return f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
 
 
 def format_eta(seconds: float | None) -> str:

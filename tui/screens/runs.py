@@ -15,7 +15,7 @@ from textual.widgets import Button, DataTable, Log, ProgressBar, Select, Sparkli
 
 from engine.constants import DEEPSPEED_CHOICES
 from engine.errors import UserError
-from engine.runs import RunDirectory, find_runs, format_eta
+from engine.runs import RunDirectory, find_runs, format_eta, format_loss
 
 from ..messages import ShowRun
 from ..workspace import run_engine, workspace_configs
@@ -186,18 +186,16 @@ class RunsPane(Horizontal):
     def refresh_runs(self) -> None:
         table = self.query_one("#runs-table", DataTable)
         runs = find_runs(self.workspace / "work_dirs")
-        summaries = [r.status() for r in runs]
-        signature = [(str(r.path), st.get("state"), st.get("step"), st.get("loss")) for r, st in zip(runs, summaries)]
+        summaries = [r.summary(with_checkpoint=False) for r in runs]
+        signature = [(s["run"], s["state"], s["step"], s["loss"]) for s in summaries]
         if signature == getattr(self, "_signature", None):
             return
         self._signature = signature
         keep = table.cursor_row
         table.clear()
         self.rows = [r.path for r in runs]
-        for r, st in zip(runs, summaries):
-            s = {"state": st.get("state", "unknown"), "step": st.get("step", 0), "total_steps": st.get("total_steps"),
-                 "loss": st.get("loss"), "eta_s": st.get("eta_s")}
-            loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
+        for r, s in zip(runs, summaries):
+            loss = format_loss(s["loss"])
             eta = format_eta(s["eta_s"]) if s["state"] == "running" else "-"
             table.add_row(r.path.name, Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
                           f"{s['step']}/{s['total_steps'] or '?'}", loss, eta, key=str(r.path))
