@@ -63,7 +63,6 @@ class ModelHost:
                                      trust_remote_code=trust_remote_code)
         self.model.eval()
         self.lora: MultiLora | None = None
-        self.stats_tokens = 0
         # On a GPU, decode steps run on a static KV cache that transformers compiles into CUDA graphs.
         self.static_cache = self.device_is_cuda() and compile_decode and quant == "none"
         base_template = resolve_template_name(template or "auto", self.tokenizer)
@@ -147,7 +146,6 @@ class ModelHost:
             self.lora.set_rows([r.model if r.model != BASE else None for r in reqs])
         texts = [IncrementalText(tok, r.params.stop) for r in reqs]
         finished = torch.zeros(len(reqs), dtype=torch.bool)
-        host = self
 
         def finish(i: int, reason: str) -> None:
             if finished[i]:
@@ -171,7 +169,6 @@ class ModelHost:
                 if not self.prompt_seen:        # generate first hands over the prompt
                     self.prompt_seen = True
                     return
-                host.stats_tokens += int((~finished).sum())
                 for i, t in enumerate(value.reshape(-1).tolist()):
                     r = reqs[i]
                     if finished[i]:

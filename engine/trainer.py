@@ -63,12 +63,11 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, start_factor: float = 1
 
 class Trainer:
     def __init__(self, recipe: Recipe, run: RunDirectory, *, resume_from: Path | None = None,
-                 config_name: str = "", console: bool = True):
+                 config_name: str = ""):
         self.recipe = recipe
         self.run = run
         self.resume_from = resume_from
         self.config_name = config_name
-        self.console = console
         self._stop_requested = False
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -243,7 +242,6 @@ class Trainer:
                 self.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
         set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
         self.pos = Position(state["step"], state["epoch"], state["window"])
-        self.resumed_step = state["step"]
         log.info("resumed from %s at step %d (epoch %d, window %d)", ckpt, *vars(self.pos).values())
 
     def _load_weights(self, ckpt: Path) -> None:
@@ -587,7 +585,7 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
         clean_partial(run)
         run.write_status(state="starting", pid=os.getpid(), step=0, error=None,
                          config_name=config_name, started=time.time(), resumed_from=str(resume_from or "") or None)
-    trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name, console=console)
+    trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name)
     old_handlers = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         trainer.setup()

@@ -21,14 +21,15 @@ from textual.widgets import Button, DirectoryTree, Input, Label, Select, Static,
 from engine import catalogue
 from engine.errors import ConfigError, UserError
 
+from ..dialogs import NameDialog
+from ..messages import ConfigsChanged
+
 
 def _config():
     import engine.config as c  # pydantic and ruamel load when the editor is first used
 
     return c
 
-from ..dialogs import NameDialog
-from ..messages import ConfigsChanged
 
 PATH_FIELDS = {"model.path", "data.data_path"}
 

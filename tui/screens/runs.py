@@ -75,8 +75,6 @@ class RunView(Vertical):
         super().__init__(**kw)
         self.run: RunDirectory | None = None
         self.tail: LogTail | None = None
-        self.n_metrics = 0
-        self.n_evals = 0
         self.losses: list[float] = []
         self._last_state: str | None = None
 
@@ -99,7 +97,6 @@ class RunView(Vertical):
         self.evals_tail = JsonlTail(self.run.evals_path)
         self.evals: list[dict] = []
         self._last_state = None
-        self.n_metrics = self.n_evals = 0
         self.losses = []
         self.query_one("#rv-log", Log).clear()
         self.query_one("#rv-evals", Static).update("")
@@ -121,7 +118,6 @@ class RunView(Vertical):
         if new and new[0]["step"] <= len(self.losses):   # the file was rewritten on a resume
             self.losses = self.losses[: new[0]["step"] - 1]
         if new:
-            self.n_metrics += len(new)
             self.losses += [m["loss"] for m in new]
             self.query_one("#rv-loss", Sparkline).data = list(self.losses)
             last = new[-1]
@@ -142,7 +138,6 @@ class RunView(Vertical):
         if fresh:
             self.evals += fresh
             evals = self.evals
-            self.n_evals = len(evals)
             self.query_one("#rv-evals", Static).update(Text("\n").join(
                 Text.assemble((f"@{e['step']} ", "dim"), (e["prompt"], "bold"), " → ", e["answer"])
                 for e in evals[-30:]))
