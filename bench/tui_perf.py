@@ -1,11 +1,13 @@
 """TUI performance (issue #4; CPU is fine), measured in one run:
 
-1. cold start to first frame: `tunedeck`'s app vs a bare Textual "hello" app, each started as a
-   fresh process that exits right after its first refresh (median of N);
+1. cold start: `tunedeck`'s app vs a bare Textual "hello" app, each a fresh process, interleaved,
+   median of N: seconds from spawn to the first frame on the (headless) terminal, and for tunedeck
+   also to the frame where the Configs tree is filled in ("ready");
 2. responsiveness: the run view follows a run whose train.log grows by 1,000 lines a second;
-   key presses that switch screens are timed until the app has processed them.
+   key presses that switch screens (Configs <-> Runs) are timed until the app has handled them and
+   until the next frame, the one that shows the other screen, has reached the terminal.
 
-    python bench/tui_perf.py [--runs 5]
+    python bench/tui_perf.py [--runs 9]
 
 Writes bench/results/tui_perf_<host>.json.
 """
@@ -20,41 +22,77 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-HELLO = """
+# Both apps run with this hook: it stamps the wall clock when the first frame reaches the (headless)
+# terminal and when the app is ready (tunedeck: the Configs tree filled in), then exits.
+HOOK = """
+import sys, time
 from textual.app import App
+_display = App._display
+def _stamped(self, screen, renderable):
+    _display(self, screen, renderable)
+    if renderable is None:
+        return
+    if not getattr(self, "_first_frame", False):
+        self._first_frame = True
+        print("FIRST_FRAME", time.time(), flush=True)
+    if self.ready():
+        print("READY", time.time(), flush=True)
+        self.exit()
+App._display = _stamped
+"""
+
+HELLO = HOOK + """
 from textual.widgets import Static
 class Hello(App):
     def compose(self):
         yield Static("hello")
-    def on_mount(self):
-        self.call_after_refresh(self.exit)
+    def ready(self):
+        return True
 Hello().run(headless=True)
 """
 
-TUNEDECK = """
-import sys
+TUNEDECK = HOOK + """
 sys.path.insert(0, {repo!r})
 from tui.app import TunedeckApp
+from textual.widgets import Tree
 class Timed(TunedeckApp):
-    def on_mount(self):
-        self.call_after_refresh(self.exit)
+    def ready(self):
+        trees = self.query("#cfg-tree")
+        return bool(trees) and bool(trees.first(Tree).root.children)
 Timed({ws!r}).run(headless=True)
 """
 
 
-def cold_start(code: str, runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-        times.append(time.perf_counter() - t0)
-    return times
+WRITER = """
+import signal, sys, time
+n = 0
+def done(*_):
+    print(n, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+with open(sys.argv[1], "a") as f:
+    t0 = time.perf_counter()
+    while True:
+        target = int((time.perf_counter() - t0) * 1000)          # 1,000 lines a second
+        while n < target:
+            f.write(f"{time.time():.3f} INFO step {n} loss 1.2345 lr 2e-4 grad_norm 0.5\\n")
+            n += 1
+        f.flush()
+        time.sleep(0.01)
+"""
+
+
+def cold_start(code: str) -> tuple[float, float]:
+    """Seconds from spawning the process to its first frame, and to its ready frame."""
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    stamps = dict(line.split() for line in out.splitlines() if line.startswith(("FIRST_FRAME", "READY")))
+    return float(stamps["FIRST_FRAME"]) - t0, float(stamps["READY"]) - t0
 
 
 def make_run(ws: Path) -> Path:
@@ -68,27 +106,25 @@ def make_run(ws: Path) -> Path:
 async def responsiveness(ws: Path, run: Path, seconds: float = 5.0) -> dict:
     from tui.app import TunedeckApp
 
-    stop = threading.Event()
-    written = [0]
-
-    def writer():
-        with open(run / "train.log", "a") as f:
-            t0 = time.perf_counter()
-            while not stop.is_set():
-                target = int((time.perf_counter() - t0) * 1000)      # 1,000 lines a second
-                while written[0] < target:
-                    f.write(f"{time.time():.3f} INFO step {written[0]} loss 1.2345 lr 2e-4 grad_norm 0.5\n")
-                    written[0] += 1
-                f.flush()
-                time.sleep(0.01)
 
     app = TunedeckApp(ws)
-    latencies = []
+    frames = [0]
+    display = app._display
+
+    def counted(screen, renderable):           # each frame that reaches the terminal
+        display(screen, renderable)
+        if renderable is not None:
+            frames[0] += 1
+
+    app._display = counted
+    dispatched, shown = [], []
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("3")
+        await app.pane("runs")
         await pilot.pause(0.5)
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
+        # the writer is its own process, as a training run is
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run / "train.log")], stdout=subprocess.PIPE,
+                                  text=True)
         from textual import events
 
         tabs = app.query_one("#tabs")
@@ -100,35 +136,52 @@ async def responsiveness(ws: Path, run: Path, seconds: float = 5.0) -> dict:
             t0 = time.perf_counter()
             app.post_message(events.Key(key, key))       # as a terminal would deliver it
             while tabs.active != want and time.perf_counter() - t0 < 5:
-                await asyncio.sleep(0.002)
-            latencies.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.001)
+            dispatched.append(time.perf_counter() - t0)
+            seen = frames[0]
+            while frames[0] == seen and time.perf_counter() - t0 < 5:   # the next frame shows it
+                await asyncio.sleep(0.001)
+            shown.append(time.perf_counter() - t0)
             i += 1
             await asyncio.sleep(0.2)
-        stop.set()
-        thread.join()
-        shown = app.query_one("#rv-log").line_count
-    return {"lines_written": written[0], "lines_shown": shown, "key_presses": len(latencies),
-            "key_latency_ms_median": round(1000 * statistics.median(latencies), 1),
-            "key_latency_ms_max": round(1000 * max(latencies), 1)}
+        writer.terminate()
+        written = int(writer.communicate()[0].strip() or 0)
+        log_lines = app.query_one("#rv-log").line_count
+    ms = lambda xs, f: round(1000 * f(xs), 1)      # noqa: E731
+    return {"lines_written": written, "lines_shown": log_lines, "key_presses": len(shown),
+            "key_to_handled_ms_median": ms(dispatched, statistics.median), "key_to_handled_ms_max": ms(dispatched, max),
+            "key_to_frame_ms_median": ms(shown, statistics.median), "key_to_frame_ms_max": ms(shown, max),
+            "key_to_frame_ms_p90": ms(shown, lambda xs: statistics.quantiles(xs, n=10)[-1])}
+
+
+def med(samples: list[tuple[float, float]], i: int) -> float:
+    return round(statistics.median(x[i] for x in samples), 3)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=9)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         ws = Path(d)
         run = make_run(ws)
-        hello = cold_start(HELLO, args.runs)
-        ours = cold_start(TUNEDECK.format(repo=str(REPO), ws=str(ws)), args.runs)
+        hello, ours = [], []
+        for _ in range(args.runs):              # interleaved, so both see the same machine noise
+            hello.append(cold_start(HELLO))
+            ours.append(cold_start(TUNEDECK.format(repo=str(REPO), ws=str(ws))))
         resp = asyncio.run(responsiveness(ws, run))
     res = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": __import__("os").cpu_count(),
            "python": platform.python_version(), "textual": __import__("textual").__version__,
-           "cold_start_s": {"hello_median": round(statistics.median(hello), 3),
-                            "tunedeck_median": round(statistics.median(ours), 3),
-                            "hello_runs": [round(x, 3) for x in hello], "tunedeck_runs": [round(x, 3) for x in ours]},
+           "cold_start_s": {"hello_first_frame_median": med(hello, 0),
+                            "tunedeck_first_frame_median": med(ours, 0),
+                            "tunedeck_ready_median": med(ours, 1),
+                            "hello_first_frame_runs": [round(x[0], 3) for x in hello],
+                            "tunedeck_first_frame_runs": [round(x[0], 3) for x in ours],
+                            "tunedeck_ready_runs": [round(x[1], 3) for x in ours]},
            "responsiveness_1000_lines_per_s": resp, "date": time.strftime("%Y-%m-%d")}
-    res["cold_start_ratio"] = round(res["cold_start_s"]["tunedeck_median"] / res["cold_start_s"]["hello_median"], 2)
+    cs = res["cold_start_s"]
+    res["cold_start_ratio"] = round(cs["tunedeck_first_frame_median"] / cs["hello_first_frame_median"], 2)
+    res["ready_ratio"] = round(cs["tunedeck_ready_median"] / cs["hello_first_frame_median"], 2)
     text = json.dumps(res, indent=1)
     print(text)
     out = REPO / "bench" / "results" / f"tui_perf_cpu{res['cpus']}.json"

@@ -51,6 +51,10 @@ async def still(pilot) -> None:
     """Let the screen settle, then take away anything that blinks."""
     from textual.widgets import Input
 
+    from tui.app import TABS
+
+    for tab, _ in TABS:
+        await pilot.app.pane(tab)
     await pilot.pause(1.0)
     await pilot.wait_for_scheduled_animations()
     for w in pilot.app.query(Input):

@@ -26,6 +26,8 @@ async def main():
         for key in ("1", "2", "3", "4", "5", "6", "1"):
             await pilot.press(key)
             await pilot.pause()
+        for tab in ("configs", "editor", "runs", "chat", "files", "data"):
+            await app.pane(tab)                 # each screen really built
     print("ok")
 
 asyncio.run(main())
@@ -43,6 +45,13 @@ async def wait_for(pilot, cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def built(pilot):
+    """The app is up with every screen built (they are built just after the first frame)."""
+    from tui.app import Deferred
+
+    await wait_for(pilot, lambda: not pilot.app.query(Deferred), 20, "the screens to be built")
+
+
 async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
     from textual.widgets import Button, Input, Label, Tree
 
@@ -50,6 +59,7 @@ async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
 
     app = TunedeckApp(tmp_path)
     async with app.run_test(size=(110, 36)) as pilot:
+        await built(pilot)
         await pilot.click("#cfg-filter")
         await pilot.press(*"qlora_alpaca")
         tree = app.query_one("#cfg-tree", Tree)
@@ -110,6 +120,7 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace):
     ws = run_workspace
     app = TunedeckApp(ws)
     async with app.run_test(size=(120, 36)) as pilot:
+        await built(pilot)
         await pilot.press("3")
         await pilot.pause()
         app.query_one("#start-config", Select).value = str(ws / "configs" / "tiny.yaml")
@@ -135,6 +146,7 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace):
     # quit and reopen: the finished run's whole history is there
     app = TunedeckApp(ws)
     async with app.run_test(size=(120, 36)) as pilot:
+        await built(pilot)
         await pilot.press("3")
         await pilot.pause(0.8)
         assert len(app.query_one("#rv-loss", Sparkline).data) == total
@@ -156,6 +168,7 @@ async def test_files_screen_shows_a_checkpoints_step_and_adapter_rank(trained_wo
     ckpt = RunDirectory(trained_workspace / "work_dirs" / "demo").latest_checkpoint()
     app = TunedeckApp(trained_workspace)
     async with app.run_test(size=(120, 36)) as pilot:
+        await built(pilot)
         await pilot.press("5")
         await pilot.pause()
         pane = app.query_one("#files-pane")
@@ -179,6 +192,7 @@ async def test_data_screen_generates_identity_data_and_checks_a_dataset(workspac
 
     app = TunedeckApp(workspace)
     async with app.run_test(size=(120, 40)) as pilot:
+        await built(pilot)
         await pilot.press("6")
         await pilot.pause()
         app.query_one("#id-name", Input).value = "Ada"
@@ -208,6 +222,7 @@ async def test_chat_streams_two_different_answers_side_by_side(trained_workspace
     ckpt = RunDirectory(trained_workspace / "work_dirs" / "demo").latest_checkpoint()
     app = TunedeckApp(trained_workspace)
     async with app.run_test(size=(120, 36)) as pilot:
+        await built(pilot)
         await pilot.press("4")
         await pilot.pause()
         pane = app.query_one("#chat-pane")
@@ -236,6 +251,7 @@ async def test_opening_and_saving_a_recipe_unchanged_keeps_the_file_byte_for_byt
     mine.write_text(src.read_text())
     app = TunedeckApp(tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
+        await built(pilot)
         app.post_message(EditConfig(mine))
         await wait_for(pilot, lambda: app.query("#f-model--dtype"), 30, "the editor form")
         await pilot.pause(0.5)

@@ -3,23 +3,70 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 from functools import partial
 from pathlib import Path
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
-from textual.lazy import Lazy
+from textual.widget import MountError, Widget
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from .client import ServiceClient
 from .messages import ChatWith, ConfigsChanged, EditConfig, ShowRun
-from .screens.chat import ChatPane
-from .screens.configs import ConfigsPane
-from .screens.data import DataPane
-from .screens.editor import EditorPane
-from .screens.files import FilesPane
-from .screens.runs import RunsPane
+
+PANE_CLASSES = {"configs": "ConfigsPane", "editor": "EditorPane", "runs": "RunsPane", "chat": "ChatPane", "files": "FilesPane",
+                "data": "DataPane"}
+
+
+class Deferred(Widget):
+    """Stands in for a screen until the first frame (title, tabs, footer) is on the terminal; the app
+    then imports the screens' modules and builds them one per frame, the visible one first. Building
+    all six before the first frame kept the terminal blank twice as long (bench/tui_perf.py)."""
+
+    DEFAULT_CSS = "Deferred { height: 0; }"
+
+    def __init__(self, tab: str, *args) -> None:
+        super().__init__()
+        self.tab = tab
+        self.args = args
+        self.started = False
+
+    async def replace(self) -> bool:
+        """Mount the real pane in this placeholder's place; False when the app is closing or another
+        caller is already building it."""
+        parent = self.parent
+        if self.started or not isinstance(parent, Widget) or not parent.is_attached:
+            return False
+        self.started = True
+        module = importlib.import_module(f"{__package__}.screens.{self.tab}")
+        pane = getattr(module, PANE_CLASSES[self.tab])(*self.args, id=f"{self.tab}-pane")
+        try:
+            await parent.mount(pane, after=self)
+        except MountError:
+            return False
+        await self.remove()
+        return True
+
+
+class KeyFooter(Footer):
+    """The footer, rebuilt only when the keys it shows change. Textual's rebuilds all its key widgets
+    on every bindings signal (each focus change, each tab switch: about fifteen per switch here),
+    which made a tab switch take a fifth of a second on a small CPU."""
+
+    _shown: tuple | None = None
+
+    async def recompose(self) -> None:
+        if not self.is_attached:
+            return
+        shown = tuple((b.key, b.description, enabled) for _, b, enabled, _ in self.screen.active_bindings.values()
+                      if b.show)
+        if shown == self._shown and self.children:
+            return
+        self._shown = shown
+        await super().recompose()
+
 
 TABS = [("configs", "Configs"), ("editor", "Editor"), ("runs", "Runs"), ("chat", "Chat"), ("files", "Files"),
         ("data", "Data")]
@@ -77,32 +124,51 @@ class TunedeckApp(App):
         self.sub_title = str(self.workspace)
         self.service = ServiceClient(self.workspace, service_url, api_key)
 
+    _tabs: TabbedContent | None = None
+
     def compose(self) -> ComposeResult:
         yield Header()
-        with TabbedContent(initial="configs", id="tabs"):
-            with TabPane("Configs", id="configs"):
-                yield ConfigsPane(self.workspace, id="configs-pane")
-            # the hidden screens are built right after the first frame, not before it
-            with TabPane("Editor", id="editor"):
-                yield Lazy(EditorPane(self.workspace, id="editor-pane"))
-            with TabPane("Runs", id="runs"):
-                yield Lazy(RunsPane(self.workspace, id="runs-pane"))
-            with TabPane("Chat", id="chat"):
-                yield Lazy(ChatPane(self.workspace, self.service, id="chat-pane"))
-            with TabPane("Files", id="files"):
-                yield Lazy(FilesPane(self.workspace, id="files-pane"))
-            with TabPane("Data", id="data"):
-                yield Lazy(DataPane(self.workspace, id="data-pane"))
-        yield Footer()
+        with TabbedContent(initial="configs", id="tabs") as self._tabs:
+            # the screens are imported and built right after the first frame, not before it
+            for tab, label in TABS:
+                with TabPane(label, id=tab):
+                    yield Deferred(tab, self.workspace, *((self.service,) if tab == "chat" else ()))
+        yield KeyFooter()
+
+    def on_mount(self) -> None:
+        self.call_after_refresh(self._build_visible)
+
+    async def _build_visible(self) -> None:
+        tab = self.query_one("#tabs", TabbedContent).active
+        await self._build(tab)
+        # the hidden ones once the visible one is on the terminal; a key that needs one sooner builds it then
+        self.set_timer(0.3, self._build_hidden)
+
+    async def _build_hidden(self) -> None:
+        for tab, _ in TABS:
+            await self._build(tab)
+            await asyncio.sleep(0.02)             # let input and frames through between screens
+
+    async def _build(self, tab: str) -> None:
+        for placeholder in self.query(f"#{tab} > Deferred"):
+            if await placeholder.replace():
+                self.call_after_refresh(self._focus_pane, tab)     # when it is (still) the active one
 
     FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form Input", "runs": "#runs-table", "chat": "#chat-input",
              "files": "#files-tree", "data": "#id-name"}
 
     def action_show(self, tab: str) -> None:
-        self.query_one("#tabs", TabbedContent).active = tab
+        tabs = self.query_one("#tabs", TabbedContent)
+        if tabs.active != tab:
+            # drop focus first: a focused widget that gets hidden hands focus to a neighbour in the
+            # pane being hidden, and TabbedContent then switches back to that pane
+            self.set_focus(None)
+        tabs.active = tab
         self.call_after_refresh(self._focus_pane, tab)
 
     def _focus_pane(self, tab: str) -> None:
+        if self.query_one("#tabs", TabbedContent).active != tab:     # the user has moved on meanwhile
+            return
         targets = self.query(self.FOCUS.get(tab, f"#{tab}-pane"))
         if targets:
             targets.first().focus()
@@ -110,49 +176,55 @@ class TunedeckApp(App):
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if self.screen_stack:
             self.refresh_bindings()
+        if event.pane is not None and self.query(f"#{event.pane.id} > Deferred"):
+            self.run_worker(self._build(event.pane.id))
         if event.pane is not None and event.pane.id == "chat":
-            for pane in self.query(ChatPane):
+            for pane in self.query("#chat-pane"):
                 pane.refresh_checkpoints()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """A screen's keys work (and show in the footer) while its tab is active."""
         if action == "pane":
-            tabs = self.query("#tabs")
-            return bool(tabs) and parameters[0] == tabs.first(TabbedContent).active
+            # asked for every binding on every focus or tab change: no DOM query here
+            return self._tabs is not None and parameters[0] == self._tabs.active
         return True
 
-    def action_pane(self, tab: str, action: str) -> None:
-        self.run_pane_action(tab, action)
+    async def action_pane(self, tab: str, action: str) -> None:
+        await self.run_pane_action(tab, action)
 
-    def run_pane_action(self, tab: str, action: str) -> None:
+    async def pane(self, tab: str) -> Widget:
+        """The screen's pane, built now if it has not been yet (or waited for, if it is being built)."""
+        await self._build(tab)
+        for _ in range(500):
+            if panes := self.query(f"#{tab}-pane"):
+                return panes.first()
+            await asyncio.sleep(0.01)
+        return self.query_one(f"#{tab}-pane")
+
+    async def run_pane_action(self, tab: str, action: str) -> None:
         self.action_show(tab)
-        pane = self.query_one(f"#{tab}-pane")
-        getattr(pane, f"action_{action}")()
+        result = getattr(await self.pane(tab), f"action_{action}")()
+        if asyncio.iscoroutine(result):
+            await result
 
     async def on_edit_config(self, message: EditConfig) -> None:
-        for _ in range(500):                 # the editor is built lazily, right after the first frame
-            if self.query(EditorPane):
-                break
-            await asyncio.sleep(0.01)
-        await self.query_one(EditorPane).load(message.path)
+        await (await self.pane("editor")).load(message.path)
         self.action_show("editor")
 
-    def on_configs_changed(self, message: ConfigsChanged) -> None:
-        self.query_one(ConfigsPane).refresh_tree(select=message.path)
-        for pane in self.query(RunsPane):
-            pane.refresh_configs()
-        for pane in self.query(DataPane):
+    async def on_configs_changed(self, message: ConfigsChanged) -> None:
+        (await self.pane("configs")).refresh_tree(select=message.path)
+        for pane in self.query("#runs-pane, #data-pane"):
             pane.refresh_configs()
 
-    def on_chat_with(self, message: ChatWith) -> None:
-        self.query_one(ChatPane).pick(message.path)
+    async def on_chat_with(self, message: ChatWith) -> None:
+        (await self.pane("chat")).pick(message.path)
         self.action_show("chat")
 
     def on_unmount(self) -> None:
         self.service.close()    # a service this app started goes with it; runs never do
 
-    def on_show_run(self, message: ShowRun) -> None:
-        self.query_one(RunsPane).on_show_run(message)
+    async def on_show_run(self, message: ShowRun) -> None:
+        (await self.pane("runs")).on_show_run(message)
         self.action_show("runs")
 
 

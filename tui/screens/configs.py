@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.syntax import Syntax
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -15,6 +14,7 @@ from engine import catalogue
 from engine.errors import UserError
 
 from ..dialogs import NameDialog
+from ..highlight import highlight_yaml
 from ..messages import ConfigsChanged, EditConfig
 from ..workspace import workspace_configs
 
@@ -74,7 +74,7 @@ class ConfigsPane(Vertical):
         except OSError as e:
             preview.update(f"cannot read {path}: {e.strerror}")
             return
-        preview.update(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+        preview.update(highlight_yaml(text))
 
     @on(Tree.NodeSelected, "#cfg-tree")
     def selected_node(self, event: Tree.NodeSelected) -> None:
