@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue the latest run (or a given checkpoint/run directory) at its exact step")
     p.add_argument("--deepspeed", help="zero1 | zero2 | zero3 | zero2_offload | zero3_offload")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs to train on (data parallel, via torchrun)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs to train on (data parallel, via torchrun); default: one per --devices entry, else 1")
+    p.add_argument("--devices", help="which GPUs, e.g. 0 or 1,3 (sets CUDA_VISIBLE_DEVICES for the run)")
     p.add_argument("--detach", action="store_true", help="run in the background; print the run directory")
 
     p = sub.add_parser("runs", help="list runs with state and progress")
@@ -308,11 +310,34 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
     return run_dir, ckpt, stem
 
 
+def parse_devices(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        devices = [int(x) for x in text.split(",")]
+    except ValueError:
+        devices = []
+    if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        raise UserError(f"--devices: {text!r} is not allowed: give GPU indices like 0 or 1,3")
+    return devices
+
+
 def cmd_train(args) -> int:
+    devices = parse_devices(args.devices)
+    if args.gpus is None:
+        args.gpus = len(devices) if devices else 1
     if args.gpus < 1:
         raise UserError(f"--gpus: {args.gpus} is not allowed: must be >= 1")
+    if devices is not None and args.gpus > len(devices):
+        raise UserError(f"--gpus: {args.gpus} is more than the {len(devices)} GPU(s) in --devices {args.devices}")
     run_dir, ckpt, name = prepare_run(args.config, args.overrides, work_dir=args.work_dir, resume=args.resume,
                                       deepspeed=args.deepspeed)
+    if devices is not None:              # this process's children (detached worker, torchrun ranks) inherit it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"        # the numbering nvidia-smi and the TUI show
+    from .runs import RunDirectory
+
+    RunDirectory(run_dir).write_status(devices=devices)      # None: whatever the process can see
     if args.detach:
         proc = start_detached(run_dir, ckpt, args.gpus)
         print(run_dir)

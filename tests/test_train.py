@@ -188,17 +188,24 @@ def test_kill_9_during_checkpoint_write_leaves_the_last_one_intact(workspace):
 
 
 def test_detach_survives_in_its_own_session_and_stop_saves_a_checkpoint(workspace, capsys):
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--detach", "--set",
-                          "max_steps=100000", "--set", "save_steps=100000"], cwd=workspace,
+    bad = subprocess.run([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--devices", "0,0"],
+                         cwd=workspace, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --devices: '0,0' is not allowed: give GPU indices like 0 or 1,3"), bad.stderr
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--detach", "--devices", "0",
+                          "--set", "max_steps=100000", "--set", "save_steps=100000"], cwd=workspace,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     run = Path(out.stdout.strip().splitlines()[-1])
     rd = RunDirectory(run)
+    assert rd.status()["devices"] == [0]
     try:
         _wait_for(lambda: rd.status().get("state") == "running" and rd.status().get("step", 0) >= 3, 240,
                   "the detached run to take steps")
         pid = rd.status()["pid"]
         assert os.getsid(pid) == pid                                       # its own session
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        assert b"CUDA_VISIBLE_DEVICES=0" in env                            # the chosen GPU only
         assert run_cli("runs", "--json") == 0
         listed = json.loads(capsys.readouterr().out)
         assert any(r["run"] == str(run) and r["state"] == "running" for r in listed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -111,11 +112,50 @@ def run_workspace(workspace) -> Path:
     return workspace
 
 
-async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace):
-    from textual.widgets import Select, Sparkline
+class FakeNVML(types.ModuleType):
+    """NVML as the nvidia-ml-py package presents it, for a machine with two GPUs (this one has none)."""
+
+    def __init__(self):
+        super().__init__("pynvml")
+        self.queried: set[int] = set()
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self.queried.add(handle)
+        return types.SimpleNamespace(used=(10 + handle) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return types.SimpleNamespace(gpu=87 if handle == 1 else 3)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    import tui.gpus
+
+    fake = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(tui.gpus, "_nvml", None)
+    yield fake
+    tui.gpus._nvml = None
+
+
+async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus):
+    from textual.widgets import Log, Select, Sparkline
 
     from engine.runs import RunDirectory, find_runs
     from tui.app import TunedeckApp
+    from tui.widgets.plot import LossPlot
 
     ws = run_workspace
     app = TunedeckApp(ws)
@@ -124,15 +164,29 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace):
         await pilot.press("3")
         await pilot.pause()
         app.query_one("#start-config", Select).value = str(ws / "configs" / "tiny.yaml")
+        gpus = app.query_one("#start-gpus", Select)            # several GPUs: choose one (or all)
+        assert gpus.display and gpus.value == "0,1"
+        gpus.value = "1"
         await pilot.press("n")
         await wait_for(pilot, lambda: find_runs(ws / "work_dirs"), 60, "the run to appear")
+        run = RunDirectory(find_runs(ws / "work_dirs")[0].path)
+        assert run.status()["devices"] == [1]
         spark = app.query_one("#rv-loss", Sparkline)
         await wait_for(pilot, lambda: len(spark.data or []) >= 5, 120, "the sparkline to gain points")
         first = len(spark.data)
         await wait_for(pilot, lambda: len(spark.data) > first, 30, "more points")
+        gpu_line = str(app.query_one("#rv-gpus").render())
+        assert "GPU 1 H100 80GB HBM3: 87% busy, 11.0/80 GiB" in gpu_line and "GPU 0" not in gpu_line
+        await pilot.press("p")                                   # the larger loss plot instead of the log
+        await pilot.pause(0.3)
+        plot = app.query_one("#rv-plot", LossPlot)
+        assert plot.display and not app.query_one("#rv-log", Log).display
+        assert len(plot.data) >= first and "⠀" in str(plot.render())
+        await pilot.press("p")
+        await pilot.pause(0.2)
+        assert app.query_one("#rv-log", Log).display
         await pilot.press("s")
         await pilot.pause(0.5)
-        run = RunDirectory(find_runs(ws / "work_dirs")[0].path)
         await wait_for(pilot, lambda: run.status().get("state") == "stopped", 60,
                        f"the run to stop (status {run.status()})")
         stopped_at = run.status()["step"]
@@ -141,6 +195,7 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace):
         await pilot.press("r")
         await wait_for(pilot, lambda: run.status().get("state") == "finished", 240, "the resumed run to finish")
         await pilot.pause(1.0)
+    assert run.status()["devices"] == [1]                        # resumed on the GPU it ran on
     total = run.status()["total_steps"]
     assert [m["step"] for m in run.metrics()] == list(range(1, total + 1))
     # quit and reopen: the finished run's whole history is there

@@ -89,6 +89,7 @@ class TunedeckCommands(Provider):
             ("Start run", partial(app.run_pane_action, "runs", "start"), "train the chosen recipe, detached"),
             ("Stop run", partial(app.run_pane_action, "runs", "stop"), "save a checkpoint and stop"),
             ("Resume run", partial(app.run_pane_action, "runs", "resume"), "continue from the latest checkpoint"),
+            ("Loss plot / log", partial(app.run_pane_action, "runs", "plot"), "swap the run's log for a loss plot"),
         ]
         for name, callback, help_text in entries:
             score = matcher.match(name)
@@ -114,6 +115,7 @@ class TunedeckApp(App):
         Binding("n", "pane('runs', 'start')", "Start run"),
         Binding("s", "pane('runs', 'stop')", "Stop run"),
         Binding("r", "pane('runs', 'resume')", "Resume run"),
+        Binding("p", "pane('runs', 'plot')", "Loss plot/log"),
         Binding("q", "quit", "Quit"),
     ]
 

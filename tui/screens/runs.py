@@ -5,11 +5,13 @@ answers; stop and resume. Runs live in their own processes: quitting the app nev
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
+from textual.message import Message
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Log, ProgressBar, Select, Sparkline, Static
 
@@ -17,7 +19,9 @@ from engine.constants import DEEPSPEED_CHOICES
 from engine.errors import UserError
 from engine.runs import RunDirectory, find_runs, format_eta, format_loss
 
+from ..gpus import list_gpus
 from ..messages import ShowRun
+from ..widgets.plot import LossPlot
 from ..workspace import run_engine, workspace_configs
 
 STATE_STYLE = {"running": "bold green", "finished": "cyan", "failed": "bold red", "stopped": "yellow",
@@ -82,11 +86,13 @@ class RunView(Vertical):
         yield Static("Pick a run.", id="rv-title")
         yield ProgressBar(total=100, show_eta=False, id="rv-progress")
         yield Static("", id="rv-numbers")
+        yield Static("", id="rv-gpus")
         yield Sparkline([], id="rv-loss")
         with Horizontal(classes="buttons"):
             yield Button("Stop (s)", id="rv-stop", variant="warning")
             yield Button("Resume (r)", id="rv-resume")
         yield Log(id="rv-log", max_lines=5000)
+        yield LossPlot(id="rv-plot")
         with VerticalScroll(id="rv-evals-box"):
             yield Static("", id="rv-evals")
 
@@ -99,6 +105,7 @@ class RunView(Vertical):
         self._last_state = None
         self.losses = []
         self.query_one("#rv-log", Log).clear()
+        self.query_one("#rv-plot", LossPlot).data = []
         self.query_one("#rv-evals", Static).update("")
         self.refresh_view()
 
@@ -120,6 +127,7 @@ class RunView(Vertical):
         if new:
             self.losses += [m["loss"] for m in new]
             self.query_one("#rv-loss", Sparkline).data = list(self.losses)
+            self.query_one("#rv-plot", LossPlot).data = self.losses
             last = new[-1]
             mem = f"{last['gpu_mem_gib']:.2f} GiB" if last.get("gpu_mem_gib") is not None else "-"
             self.query_one("#rv-numbers", Static).update(
@@ -141,6 +149,8 @@ class RunView(Vertical):
             self.query_one("#rv-evals", Static).update(Text("\n").join(
                 Text.assemble((f"@{e['step']} ", "dim"), (e["prompt"], "bold"), " → ", e["answer"])
                 for e in evals[-30:]))
+        gpus = list_gpus(st.get("devices")) if state in ("running", "starting") else []
+        self.query_one("#rv-gpus", Static).update("  ".join(g.label() for g in gpus))
         self.query_one("#rv-stop", Button).disabled = state not in ("running", "starting")
         if state != self._last_state:   # listing checkpoints is a directory scan: only on changes
             self._last_state = state
@@ -148,7 +158,48 @@ class RunView(Vertical):
                 self.run.latest_checkpoint() is None or state == "finished"
 
 
+class RunsWatcher:
+    """Watches work_dirs (recursively) with watchdog and posts RunsPane.FilesChanged for any change."""
+
+    def __init__(self, root: Path, pane: "RunsPane"):
+        self.root, self.pane = root, pane
+        self.observer = None
+        self.pending = threading.Event()     # one message until the pane has handled it, not one per write
+
+    def start(self) -> None:
+        if self.observer is not None or not self.root.is_dir():
+            return
+        from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        pane, pending = self.pane, self.pending
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:
+                if event.event_type in (EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE) or pending.is_set():
+                    return
+                pending.set()
+                pane.post_message(RunsPane.FilesChanged())      # post_message is thread-safe
+
+        observer = Observer()
+        try:
+            observer.schedule(Handler(), str(self.root), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError:                 # e.g. out of inotify watches: the slow tick still polls
+            return
+        self.observer = observer
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer = None
+
+
 class RunsPane(Horizontal):
+
+    class FilesChanged(Message):
+        """Something under work_dirs changed (sent from the watchdog thread)."""
 
     def __init__(self, workspace: Path, **kw):
         super().__init__(**kw)
@@ -161,6 +212,7 @@ class RunsPane(Horizontal):
                 yield Select([], prompt="recipe", id="start-config")
                 yield Select([(d, d) for d in DEEPSPEED_CHOICES], value="none", allow_blank=False,
                              id="start-deepspeed")
+                yield Select([], prompt="GPU", id="start-gpus")
                 yield Button("Start (n)", variant="success", id="start-run")
             table: DataTable = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
             yield table
@@ -170,8 +222,34 @@ class RunsPane(Horizontal):
         table = self.query_one("#runs-table", DataTable)
         table.add_columns("run", "state", "step", "loss", "ETA")
         self.refresh_configs()
+        self.refresh_gpus()
         self.refresh_runs()
-        self.set_interval(0.5, self.tick)
+        self.watcher = RunsWatcher(self.workspace / "work_dirs", self)
+        self.watcher.start()
+        # file events drive the updates; this slow tick is the fallback where inotify is not available
+        # (NFS, exhausted watches) and keeps ETAs and GPU figures current
+        self.set_interval(2.0, self.tick)
+
+    def on_unmount(self) -> None:
+        self.watcher.stop()
+
+    def on_runs_pane_files_changed(self, message: "RunsPane.FilesChanged") -> None:
+        self.set_timer(0.25, self._update)     # what else changes in that quarter second comes along
+
+    def _update(self) -> None:
+        self.watcher.pending.clear()
+        self.tick()
+
+    def refresh_gpus(self) -> None:
+        """With several GPUs the start row offers one of them or all (data parallel)."""
+        gpus = list_gpus()
+        sel = self.query_one("#start-gpus", Select)
+        sel.display = len(gpus) > 1
+        if len(gpus) > 1:
+            everything = ",".join(str(g.index) for g in gpus)
+            sel.set_options([(f"all {len(gpus)} GPUs", everything)] +
+                            [(f"GPU {g.index}", str(g.index)) for g in gpus])
+            sel.value = everything
 
     def refresh_configs(self) -> None:
         sel = self.query_one("#start-config", Select)
@@ -198,11 +276,10 @@ class RunsPane(Horizontal):
             table.move_cursor(row=min(max(keep, 0), len(self.rows) - 1))
 
     def tick(self) -> None:
-        if not self.is_attached or not self.display:
+        if not self.is_attached:
             return
-        self._ticks = getattr(self, "_ticks", 0) + 1
-        if self._ticks % 2 == 0:
-            self.refresh_runs()
+        self.watcher.start()          # work_dirs may have appeared since
+        self.refresh_runs()
         self.query_one(RunView).refresh_view()
 
     @on(DataTable.RowHighlighted, "#runs-table")
@@ -224,6 +301,9 @@ class RunsPane(Horizontal):
             return
         ds = self.query_one("#start-deepspeed", Select).value
         args = ["train", str(cfg), "--detach"] + (["--deepspeed", str(ds)] if ds not in ("none", Select.BLANK) else [])
+        gpus = self.query_one("#start-gpus", Select)
+        if gpus.display and gpus.value not in (Select.BLANK, None):
+            args += ["--devices", str(gpus.value)]
         self._launch(args, f"starting {Path(str(cfg)).stem}")
 
     @on(Button.Pressed, "#rv-stop")
@@ -243,8 +323,15 @@ class RunsPane(Horizontal):
         run = self.query_one(RunView).run
         if run is None or run.latest_checkpoint() is None:
             return
-        self._launch(["train", str(run.config_path), "--work-dir", str(run.path), "--resume", "--detach"],
-                     f"resuming {run.path.name}")
+        devices = run.status().get("devices")            # the GPUs it ran on
+        self._launch(["train", str(run.config_path), "--work-dir", str(run.path), "--resume", "--detach"]
+                     + (["--devices", ",".join(map(str, devices))] if devices else []), f"resuming {run.path.name}")
+
+    def action_plot(self) -> None:
+        """Swap the live log for the larger loss plot and back."""
+        log, plot = self.query_one("#rv-log", Log), self.query_one("#rv-plot", LossPlot)
+        plot.display = not plot.display
+        log.display = not plot.display
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
     def _launch(self, args: list[str], what: str) -> None:
