@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="workspace")
     p.add_argument("--name", default="tunedeck")
     p.add_argument("--no-tui", action="store_true", help="print the before/after answers and exit")
+    p.add_argument("--llava", action="store_true",
+                   help="the LLaVA half instead: shapes images, pretrain + finetune, accuracy before/after")
 
     p = sub.add_parser("_worker", help=argparse.SUPPRESS)   # the detached / torchrun training process
     p.add_argument("run_dir")
@@ -239,9 +241,15 @@ def resolve_paths(recipe, base_dir: Path):
         if candidate.exists() or value.startswith((".", "~")) or p.suffix in (".json", ".jsonl"):
             return str(candidate.resolve())
         return value   # a hub id such as internlm/internlm2-chat-1_8b
+    lv = recipe.llava
+    local = lambda v: str((base_dir / Path(v).expanduser()).resolve()) if v else v      # noqa: E731
     return recipe.model_copy(update={
         "model": recipe.model.model_copy(update={"path": fix(recipe.model.path)}),
         "data": recipe.data.model_copy(update={"data_path": fix(recipe.data.data_path)}),
+        "llava": lv.model_copy(update={
+            "visual_encoder": fix(lv.visual_encoder) if lv.visual_encoder else "",
+            "pretrained_pth": local(lv.pretrained_pth), "image_folder": local(lv.image_folder),
+            "evaluation_images": [local(v) for v in lv.evaluation_images]}),
     })
 
 
@@ -304,6 +312,9 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
     resolved = RecipeDocument(doc.data)
     resolved.set("model.path", recipe.model.path)
     resolved.set("data.data_path", recipe.data.data_path)
+    if recipe.llava.enabled:
+        for key in ("visual_encoder", "pretrained_pth", "image_folder", "evaluation_images"):
+            resolved.set(f"llava.{key}", getattr(recipe.llava, key))
     resolved.save(run_dir / "config.yaml")
     (run_dir / "source.json").write_text(json.dumps({"config": str(cfg_path.resolve()), "name": stem,
                                                       "overrides": overrides}, ensure_ascii=False))
@@ -520,6 +531,10 @@ def cmd_tree(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.llava:
+        from .llava_demo import run_llava_demo
+
+        return run_llava_demo(Path(args.dir))
     return run_demo(Path(args.dir), args.name, no_tui=args.no_tui)
 
 

@@ -136,6 +136,30 @@ class TrainSection(_Section):
         return v
 
 
+class LlavaSection(_Section):
+    """A vision-language (LLaVA) recipe: a CLIP vision tower and a projector in front of the LLM."""
+
+    enabled: bool = Field(False, description="Train a LLaVA model (the LLM is model.path).")
+    stage: Literal["pretrain", "finetune"] = Field(
+        "finetune", description="pretrain: only the projector trains; finetune: projector + LLM LoRA "
+                                "(the lora section) + vision-tower LoRA.")
+    visual_encoder: str = Field(
+        "", description="CLIP vision model directory (e.g. clip-vit-large-patch14-336).")
+    pretrained_pth: str = Field(
+        "", description="The pretrain stage's checkpoint (or run) directory whose projector finetune starts "
+                        "from (empty = a fresh projector).")
+    image_folder: str = Field("", description="Folder the records' image paths are relative to.")
+    pad_image_to_square: bool = Field(
+        True, description="Pad images to a square with the mean colour before resizing (else centre crop).")
+    select_layer: int = Field(-2, ge=-64, le=64, description="Vision-tower layer whose features are used.")
+    visual_encoder_lora: bool = Field(True, description="Finetune: train a LoRA on the vision tower.")
+    visual_encoder_lora_r: int = Field(64, ge=1, le=4096, description="Vision-tower LoRA rank.")
+    visual_encoder_lora_alpha: float = Field(16, gt=0, description="Vision-tower LoRA alpha.")
+    visual_encoder_lora_dropout: float = Field(0.05, ge=0, lt=1, description="Vision-tower LoRA dropout.")
+    evaluation_images: list[str] = Field(
+        default_factory=list, description="Images for train.evaluation_inputs (one per prompt, or one for all).")
+
+
 class Recipe(_Section):
     """A whole training recipe."""
 
@@ -143,10 +167,12 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    llava: LlavaSection = Field(default_factory=LlavaSection)
 
 
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSection, "lora": LoraSection, "data": DataSection, "train": TrainSection,
+    "llava": LlavaSection,
 }
 
 

@@ -134,6 +134,17 @@ class Trainer:
             raise UserError(f"data.data_path: {r.data.data_path}: no sample has an assistant token left "
                             f"after truncation to max_length {r.data.max_length}")
         self.rows: list[Row] = build_rows(tok, r.data.max_length, r.data.pack_to_max_length, r.train.seed)
+        self._plan()
+        self.data_info = {
+            "records": tok.n_records, "samples": len(tok.samples), "truncated": tok.n_truncated,
+            "dropped": tok.n_dropped, "rows": len(self.rows), "tokens": self.n_train_tokens,
+            "length": tok.stats(), "template": self.template,
+            "first_sample": render_masked(self.tokenizer, *tok.samples[0]),
+        }
+
+    def _plan(self) -> None:
+        """Micro-batches and steps per epoch, total steps, from self.rows."""
+        r = self.recipe
         self.pad_id = self.tokenizer.pad_token_id or 0
         per_rank = math.ceil(len(self.rows) / self.world)
         self.micro_per_epoch = math.ceil(per_rank / r.train.batch_size)
@@ -144,12 +155,6 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / acc)
         self.total_steps = r.train.max_steps or max(1, math.ceil(self.steps_per_epoch * r.train.max_epochs))
         self.n_train_tokens = sum(row.n_tokens for row in self.rows)
-        self.data_info = {
-            "records": tok.n_records, "samples": len(tok.samples), "truncated": tok.n_truncated,
-            "dropped": tok.n_dropped, "rows": len(self.rows), "tokens": self.n_train_tokens,
-            "length": tok.stats(), "template": self.template,
-            "first_sample": render_masked(self.tokenizer, *tok.samples[0]),
-        }
 
     def _setup_model(self) -> None:
         r = self.recipe
@@ -289,18 +294,23 @@ class Trainer:
         batches = []
         for m in range(first, last):
             idx = order[m * bs:(m + 1) * bs]
-            if not idx:
-                continue
-            b = collate([self.rows[i] for i in idx], self.pad_id)
-            batches.append({k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in b.items()})
+            if idx:
+                batches.append(self._batch(idx))
         return batches
 
+    def _batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        b = collate([self.rows[i] for i in idx], self.pad_id)
+        return {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in b.items()}
+
     # ------------------------------------------------------------------ the loop
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor]) -> Any:
         model = self.ds_engine or self.model
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
                             enabled=self.precision.autocast_dtype is not None):
-            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            out = self._forward(batch)
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
@@ -585,7 +595,12 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
         clean_partial(run)
         run.write_status(state="starting", pid=os.getpid(), step=0, error=None,
                          config_name=config_name, started=time.time(), resumed_from=str(resume_from or "") or None)
-    trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name)
+    if recipe.llava.enabled:
+        from .llava_train import LlavaTrainer
+
+        trainer: Trainer = LlavaTrainer(recipe, run, resume_from=resume_from, config_name=config_name)
+    else:
+        trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name)
     old_handlers = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         trainer.setup()
