@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--varied", action="store_true", help="vary the question (Chinese and English phrasings)")
     d.add_argument("-o", "--output", required=True, help=".json (list, as the seed) or .jsonl")
     d.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    d = dsub.add_parser("repeat", help="repeat every record of a .json/.jsonl dataset N times (the seed's repeat.py)")
+    d.add_argument("-i", "--input", required=True)
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("-n", type=int, required=True, help="times each record appears")
+    d.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     d = dsub.add_parser("check", help="record count, token lengths, truncation, the first sample masked")
     d.add_argument("config")
     d.add_argument("--json", action="store_true", help="machine-readable: stats, length histogram, samples")
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--url", help="talk to a running `tunedeck serve` (MODEL is then a served name: base or an adapter)")
     p.add_argument("--api-key", default=os.environ.get("TUNEDECK_API_KEY"), help="bearer token for --url")
+    p.add_argument("--visual-encoder", help="LLaVA: the CLIP vision model directory")
+    p.add_argument("--llava", help="LLaVA: a pretrain or finetune checkpoint (or run) directory")
+    p.add_argument("--image", help="LLaVA: the image the conversation is about")
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web chat: one base model, many adapters")
     p.add_argument("model")
@@ -173,6 +181,18 @@ def cmd_data(args) -> int:
         recs = identity_records(args.name, args.n, args.answer or DEFAULT_ANSWER, args.varied)
         out = write_identity(args.output, recs, overwrite=args.force)
         print(f"wrote {len(recs)} records to {out}")
+        return 0
+    if args.data_verb == "repeat":
+        from .data import read_records
+        from .identity import write_identity
+
+        if args.n < 1:
+            raise UserError(f"-n: {args.n} is not allowed: must be >= 1")
+        if Path(args.output).resolve() == Path(args.input).resolve():
+            raise UserError(f"-o {args.output}: is the input; choose another file")
+        records = read_records(args.input)
+        out = write_identity(args.output, [r for r in records for _ in range(args.n)], overwrite=args.force)
+        print(f"wrote {len(records) * args.n} records ({len(records)} × {args.n}) to {out}")
         return 0
     return cmd_data_check(args)
 
@@ -462,6 +482,8 @@ def cmd_chat(args) -> int:
     problems = params.validate()
     if problems:
         raise UserError(*[f"--{p.replace('_', '-')}" for p in problems])
+    if args.llava or args.visual_encoder or args.image:
+        return _chat_llava(args, params)
     if args.url:
         from .chat import RemoteChatSession
 
@@ -497,6 +519,51 @@ def cmd_chat(args) -> int:
         for piece in session.ask(prompt):
             print(piece, end="", flush=True)
         print()
+
+
+def _chat_llava(args, params) -> int:
+    from .llava import answer, llava_checkpoint_dir, load_llava_for_inference, open_image
+
+    for opt in ("llava", "visual_encoder"):
+        if not getattr(args, opt):
+            raise UserError(f"--{opt.replace('_', '-')}: needed to chat about an image "
+                            "(--visual-encoder VIT --llava CHECKPOINT --image FILE)")
+    if args.image:
+        open_image(args.image)                  # before minutes of model loading
+    llava_checkpoint_dir(args.llava)
+    model, tok, proc, template = load_llava_for_inference(
+        args.model, args.visual_encoder, args.llava, bits={4: "4bit", 8: "8bit"}.get(args.bits, "none"),
+        trust_remote_code=bool(args.trust_remote_code))
+    template = args.template or template
+    image = proc.open(args.image) if args.image else None
+    history: list[dict] = []
+
+    def ask(q: str) -> str:
+        reply = answer(model, tok, proc, template, q, image, system=args.system or "",
+                       max_new_tokens=params.max_new_tokens, history=history)
+        history.extend([{"role": "user", "content": (("<image>\n" + q) if image is not None and not history
+                                                       else q)}, {"role": "assistant", "content": reply}])
+        return reply
+
+    if args.prompt is not None:
+        print(ask(args.prompt))
+        return 0
+    print(f"chatting about {args.image or 'no image'} with {args.llava}; EXIT quits, RESET clears history",
+          file=sys.stderr)
+    while True:
+        try:
+            prompt = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if prompt.strip() == "EXIT":
+            return 0
+        if prompt.strip() == "RESET":
+            history.clear()
+            print("(history cleared)")
+            continue
+        if prompt.strip():
+            print(ask(prompt))
 
 
 def cmd_serve(args) -> int:

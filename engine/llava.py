@@ -43,6 +43,21 @@ VIT_ADAPTER = "visual_encoder_adapter"
 
 # --------------------------------------------------------------------------- images
 
+def open_image(path: str | Path):
+    """The image as RGB, or one clear error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not an image") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: cannot read the image ({type(e).__name__})") from None
+
+
 class ImageProcessor:
     """CLIP preprocessing (transformers' CLIPImageProcessor), with LLaVA's pad-to-square in the mean colour."""
 
@@ -59,15 +74,7 @@ class ImageProcessor:
         self.background = tuple(int(round(255 * m)) for m in self.processor.image_mean)
 
     def open(self, path: str | Path):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such image") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"{path}: cannot read the image ({type(e).__name__})") from None
+        return open_image(path)
 
     def __call__(self, images: list) -> torch.Tensor:
         from PIL import Image

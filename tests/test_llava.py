@@ -1,0 +1,165 @@
+"""LLaVA: the shapes demo through both stages (the model really learns to answer about held-out
+images), resume equivalence, checkpoint contents, chat about an image, data repeat, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+
+@pytest.fixture(scope="session")
+def llava_ws(tmp_path_factory) -> Path:
+    from engine.llava_demo import run_llava_demo
+
+    ws = tmp_path_factory.mktemp("llava")
+    assert run_llava_demo(ws) == 0
+    return ws
+
+
+def test_demo_learns_to_answer_about_held_out_images(llava_ws, capsys):
+    scores = json.loads((llava_ws / "llava_demo_scores.json").read_text())
+    print(f"held-out accuracy: before finetune {scores['before']:.1%}, after {scores['after']:.1%}")
+    assert scores["after"] >= 0.9
+    assert scores["before"] <= scores["after"] - 0.4          # the pretrain-only model does clearly worse
+
+
+def test_checkpoints_hold_projector_and_both_adapters_in_safetensors(llava_ws):
+    from engine.runs import RunDirectory
+
+    pre = RunDirectory(llava_ws / "work_dirs" / "llava_pretrain").latest_checkpoint()
+    ft = RunDirectory(llava_ws / "work_dirs" / "llava_finetune").latest_checkpoint()
+    assert (pre / "projector.safetensors").is_file() and not (pre / "llm_adapter").exists()
+    for f in ("projector.safetensors", "llm_adapter/adapter_model.safetensors",
+              "visual_encoder_adapter/adapter_model.safetensors", "llava.json"):
+        assert (ft / f).is_file(), f
+    info = json.loads((ft / "llava.json").read_text())
+    assert info["stage"] == "finetune" and info["n_image_tokens"] == 16 and info["vision_hidden"] == 64
+    assert json.loads((ft / "llm_adapter/adapter_config.json").read_text())["r"] == 32
+    assert json.loads((ft / "visual_encoder_adapter/adapter_config.json").read_text())["r"] == 16
+    evals = [json.loads(x) for x in (ft.parent / "evals.jsonl").read_text().splitlines()]
+    assert evals[-1]["image"].endswith("heldout_0000.png") and evals[-1]["answer"]
+
+
+def test_resume_continues_the_same_loss_curve(llava_ws):
+    from engine.runs import RunDirectory
+
+    ws = llava_ws
+    common = ["--set", "max_steps=6", "--set", "save_steps=3", "--set", "save_total_limit=-1",
+              "--set", f"llava.pretrained_pth={ws / 'work_dirs' / 'llava_pretrain'}",
+              "--set", "evaluation_inputs=[]"]
+    old = os.getcwd()
+    os.chdir(ws)
+    try:
+        assert run_cli("train", "configs/llava_finetune.yaml", "--work-dir", "work_dirs/full", *common) == 0
+        part = ws / "work_dirs" / "part"
+        shutil.copytree(ws / "work_dirs" / "full", part)
+        shutil.rmtree(part / "checkpoint-6")
+        assert run_cli("train", "configs/llava_finetune.yaml", "--work-dir", str(part),
+                       "--resume", str(part / "checkpoint-3"), *common) == 0
+    finally:
+        os.chdir(old)
+    full, resumed = RunDirectory(ws / "work_dirs" / "full"), RunDirectory(part)
+    assert [m["step"] for m in resumed.metrics()] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in resumed.metrics()] == pytest.approx([m["loss"] for m in full.metrics()], abs=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(str(full.latest_checkpoint() / "projector.safetensors"))
+    b = load_file(str(resumed.latest_checkpoint() / "projector.safetensors"))
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+def test_chat_about_an_image(llava_ws, capsys):
+    ws = llava_ws
+    item = json.loads((ws / "data/shapes/heldout.json").read_text())[0]
+    capsys.readouterr()
+    assert run_cli("chat", ws / "models/tiny-chat-vl", "--visual-encoder", ws / "models/tiny-clip",
+                   "--llava", ws / "work_dirs/llava_finetune", "--image", ws / "data/shapes/images" / item["image"],
+                   "--prompt", "What colour is the shape?") == 0
+    assert capsys.readouterr().out.strip() == item["colour"]
+    assert run_cli("chat", ws / "models/tiny-chat-vl", "--visual-encoder", ws / "models/tiny-clip",
+                   "--llava", ws / "work_dirs/llava_finetune", "--image", ws / "nope.png", "--prompt", "x") == 2
+    assert capsys.readouterr().err.strip() == f"error: {ws / 'nope.png'}: no such image"
+
+
+def test_data_repeat(tmp_path, capsys):
+    src = tmp_path / "unique.json"
+    src.write_text(json.dumps([{"id": 1}, {"id": 2}]))
+    assert run_cli("data", "repeat", "-i", src, "-o", tmp_path / "rep.json", "-n", "3") == 0
+    assert [r["id"] for r in json.loads((tmp_path / "rep.json").read_text())] == [1, 1, 1, 2, 2, 2]
+    before = (tmp_path / "rep.json").read_text()
+    assert run_cli("data", "repeat", "-i", src, "-o", tmp_path / "rep.json", "-n", "2") == 2
+    assert (tmp_path / "rep.json").read_text() == before                   # nothing overwritten
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_grouped_order_never_mixes_images_and_text_in_a_batch():
+    from engine.llava import LlavaSample, grouped_order
+
+    samples = [LlavaSample([0] * (5 + i % 7), [0] * (5 + i % 7), Path("x.png") if i % 3 else None)
+               for i in range(100)]
+    order = grouped_order(samples, 4, seed=0, shuffle=True)
+    assert sorted(order) == list(range(100))                              # every sample once
+    batches = [order[i:i + 4] for i in range(0, 100, 4)]
+    mixed = [b for b in batches if len({samples[i].image is None for i in b}) > 1]
+    assert len(mixed) <= 1                                               # only where a group's tail meets
+
+
+_n_bad = itertools.count()
+
+
+def _bad_train(ws: Path, capsys, *sets: str) -> str:
+    old = os.getcwd()
+    os.chdir(ws)
+    try:
+        capsys.readouterr()
+        rc = run_cli("train", "configs/llava_finetune.yaml", "--work-dir", f"work_dirs/bad_{next(_n_bad)}",
+                     "--set", f"llava.pretrained_pth={ws / 'work_dirs' / 'llava_pretrain'}", *sets)
+    finally:
+        os.chdir(old)
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]   # besides loading progress bars
+    assert rc == 2 and len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_bad_input_ends_in_one_clear_line(llava_ws, capsys, tmp_path):
+    ws = llava_ws
+    img = ws / "data/shapes/images/train_0000.png"
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    cases = {
+        "missing": [{"image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                            {"from": "gpt", "value": "A"}]}],
+        "unreadable": [{"image": str(tmp_path / "bad.png"),
+                        "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}],
+        "tag": [{"conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}],
+    }
+    for name, records in cases.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(records))
+    err = _bad_train(ws, capsys, "--set", f"data_path={tmp_path / 'missing.json'}")
+    assert f"{tmp_path / 'missing.json'}: record 1: image" in err and "gone.png: no such file" in err
+    err = _bad_train(ws, capsys, "--set", f"data_path={tmp_path / 'unreadable.json'}")
+    assert "record 1: image" in err and "bad.png: cannot read it" in err
+    err = _bad_train(ws, capsys, "--set", f"data_path={tmp_path / 'tag.json'}")
+    assert err.endswith("record 1: an <image> tag but no 'image' in the record")
+    # a vision tower whose hidden size does not fit the pretrain projector
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4)).save_pretrained(tmp_path / "vit32")
+    err = _bad_train(ws, capsys, "--set", f"visual_encoder={tmp_path / 'vit32'}")
+    assert "llava.pretrained_pth" in err and "maps 64 → 128 features, this model needs 32 → 128" in err
+    # a pretrain checkpoint made for another LLM
+    from engine.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "llm64", hidden=64, intermediate=128)
+    err = _bad_train(ws, capsys, "--set", f"model.path={tmp_path / 'llm64'}")
+    assert "maps 64 → 128 features, this model needs 64 → 64" in err
+    assert not list((ws / "data/shapes").glob("*.tmp")) and img.is_file()            # nothing of the user's touched
