@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--max-shard-size", default="2GB")
 
+    p = sub.add_parser("export-llava", help="a LLaVA checkpoint as transformers' LlavaForConditionalGeneration")
+    p.add_argument("llm")
+    p.add_argument("visual_encoder")
+    p.add_argument("checkpoint", help="LLaVA checkpoint or run directory")
+    p.add_argument("out")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+
     p = sub.add_parser("tree", help="print a directory tree with sizes (follows symlinks)")
     p.add_argument("dir")
 
@@ -587,6 +594,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export_llava(args) -> int:
+    from .export_llava import export_llava
+
+    out = export_llava(args.llm, args.visual_encoder, args.checkpoint, args.out, overwrite=args.force)
+    print(f"wrote LlavaForConditionalGeneration + LlavaProcessor to {out}")
+    return 0
+
+
 def cmd_tree(args) -> int:
     from .tree import tree_lines
 
@@ -608,7 +623,7 @@ def cmd_demo(args) -> int:
 VERBS = {
     "list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "data": cmd_data, "train": cmd_train,
     "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "tree": cmd_tree,
-    "demo": cmd_demo, "_worker": cmd_worker,
+    "demo": cmd_demo, "export-llava": cmd_export_llava, "_worker": cmd_worker,
 }
 
 

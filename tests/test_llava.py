@@ -163,3 +163,33 @@ def test_bad_input_ends_in_one_clear_line(llava_ws, capsys, tmp_path):
     err = _bad_train(ws, capsys, "--set", f"model.path={tmp_path / 'llm64'}")
     assert "maps 64 → 128 features, this model needs 64 → 64" in err
     assert not list((ws / "data/shapes").glob("*.tmp")) and img.is_file()            # nothing of the user's touched
+
+
+def test_export_llava_loads_in_transformers_and_answers_the_same(llava_ws, tmp_path):
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from engine.llava import answer, load_llava_for_inference
+
+    ws = llava_ws
+    llm, vit, ckpt = ws / "models/tiny-chat-vl", ws / "models/tiny-clip", ws / "work_dirs/llava_finetune"
+    out = tmp_path / "hf"
+    assert run_cli("export-llava", llm, vit, ckpt, out) == 0
+    assert run_cli("export-llava", llm, vit, ckpt, out) == 2                  # never into a non-empty OUT
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    proc = AutoProcessor.from_pretrained(out)
+    ours = load_llava_for_inference(str(llm), str(vit), ckpt, device="cpu")
+    end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    compared = 0
+    for item in json.loads((ws / "data/shapes/heldout.json").read_text())[:3]:
+        image = Image.open(ws / "data/shapes/images" / item["image"]).convert("RGB")
+        for q in ("What colour is the shape?", "What shape is it?", "Where is the shape?"):
+            prompt = f"<s><|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n"
+            inputs = proc(text=prompt, images=image, return_tensors="pt")
+            with torch.no_grad():
+                gen = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=end)
+            theirs = proc.tokenizer.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            assert theirs == answer(*ours, q, image, max_new_tokens=8)
+            compared += 1
+    assert compared == 9
