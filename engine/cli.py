@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt of the base")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the GPU decode step at start")
+    p.add_argument("--visual-encoder", help="LLaVA: the CLIP vision model directory")
+    p.add_argument("--llava", action="append", default=[], metavar="NAME=DIR",
+                   help="LLaVA: serve a pretrain or finetune checkpoint as NAME (repeatable; image_url parts)")
 
     p = sub.add_parser("merge", help="merge an adapter into its base model")
     p.add_argument("base")
@@ -582,7 +585,8 @@ def cmd_serve(args) -> int:
     return serve(args.model, adapters=parse_adapter_args(args.adapter), host=args.host, port=args.port,
                  api_key=args.api_key, bits=args.bits, template=args.template, system=args.system,
                  trust_remote_code=args.trust_remote_code, warmup=not args.no_warmup,
-                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                 log=lambda m: print(m, file=sys.stderr, flush=True), visual_encoder=args.visual_encoder,
+                 llavas=parse_adapter_args(args.llava))
 
 
 def cmd_merge(args) -> int:

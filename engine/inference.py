@@ -46,6 +46,7 @@ class GenRequest:
     stop_ids: set[int]
     emit: Callable[[tuple], None]          # ("delta", text) | ("done", finish_reason, usage) | ("error", msg)
     seed: int | None = None
+    images: list = field(default_factory=list)      # PIL images, in the order of the prompt's <image> tags
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     cancelled: threading.Event = field(default_factory=threading.Event)
 

@@ -37,6 +37,7 @@ from .inference import BASE, GenRequest, ModelHost, Scheduler, served_list
 class ContentPart(BaseModel):
     type: str
     text: str | None = None
+    image_url: dict | str | None = None
 
 
 class Message(BaseModel):
@@ -83,6 +84,27 @@ def _validation_error(e: ValidationError) -> JSONResponse:
     return error(400, f"{loc}: {msg}{more}", param=loc)
 
 
+def _read_image_part(host: Any, image_url: Any):
+    """An OpenAI image part: a data: URI (base64), or a local path under the service's workspace."""
+    import base64
+    import binascii
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url:
+        raise UserError("needs {\"url\": \"data:image/...;base64,...\"} or a path under the workspace")
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if ";base64" not in head:
+            raise UserError("only base64 data URIs are accepted")
+        try:
+            return host.open_image(base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError):
+            raise UserError("the data URI is not valid base64") from None
+    if url.startswith(("http://", "https://")):
+        raise UserError("the service does not fetch URLs; send the image as a data: URI")
+    return host.open_image(url)
+
+
 class ApiKeyMiddleware:
     """Every request but the page itself needs ``Authorization: Bearer KEY`` (plain ASGI, so
     streaming and client disconnects pass through untouched)."""
@@ -119,18 +141,36 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         if req.model not in host.models:
             return error(404, f"The model '{req.model}' does not exist; available: {', '.join(host.models)}",
                          param="model", code="model_not_found")
-        messages = []
+        messages, images = [], []
+        takes_images = getattr(host, "accepts_images", False)
         for i, m in enumerate(req.messages):
             if isinstance(m.content, str):
                 text = m.content
             else:
-                if any(p.type != "text" for p in m.content):
-                    kinds = sorted({p.type for p in m.content if p.type != "text"})
+                allowed = ("text", "image_url") if takes_images else ("text",)
+                if any(p.type not in allowed for p in m.content):
+                    kinds = sorted({p.type for p in m.content if p.type not in allowed})
                     return error(400, f"messages.{i}.content: part type {', '.join(kinds)} is not supported by "
-                                      "this model (text only)", param=f"messages.{i}.content")
-                text = "".join(p.text or "" for p in m.content)
+                                      f"this model ({' and '.join(allowed)} only)", param=f"messages.{i}.content")
+                text = ""
+                for j, part in enumerate(m.content):
+                    if part.type == "text":
+                        text += part.text or ""
+                        continue
+                    where = f"messages.{i}.content.{j}.image_url"
+                    try:
+                        images.append(await asyncio.to_thread(_read_image_part, host, part.image_url))
+                    except UserError as e:
+                        return error(400, f"{where}: {e}", param=where)
+                    text = "<image>\n" + text if not text else text + "\n<image>\n"
             messages.append({"role": m.role, "content": text})
-        prompt_ids, stops, stop_ids = host.encode(req.model, messages)
+        if takes_images and sum(m["content"].count("<image>") for m in messages) != len(images):
+            return error(400, "messages: write images as image_url parts, not as <image> in the text",
+                         param="messages")
+        try:
+            prompt_ids, stops, stop_ids = host.encode(req.model, messages)
+        except UserError as e:
+            return error(400, str(e), param="messages")
         limit = host.context_length
         room = limit - len(prompt_ids)
         max_new = req.max_completion_tokens or req.max_tokens
@@ -145,7 +185,8 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         gen = GenRequest(req.model, prompt_ids, params, stop_ids,
-                         emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), seed=req.seed)
+                         emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), seed=req.seed,
+                         images=images)
         sched.submit(gen)
         created = int(time.time())
 
@@ -257,11 +298,21 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
 
 def serve(model: str, *, adapters: list[tuple[str, str]], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, bits: int | None = None, template: str | None = None,
-          system: str | None = None, trust_remote_code: bool = False, warmup: bool = True, log=print) -> int:
+          system: str | None = None, trust_remote_code: bool = False, warmup: bool = True, log=print,
+          visual_encoder: str | None = None, llavas: list[tuple[str, str]] | None = None) -> int:
     import uvicorn
 
     log(f"loading {model}")
-    mh = ModelHost(model, bits=bits, template=template, system=system, trust_remote_code=trust_remote_code)
+    if llavas or visual_encoder:
+        from .llava_serve import LlavaHost
+
+        if not (llavas and visual_encoder):
+            raise UserError("--visual-encoder and --llava NAME=DIR go together")
+        if adapters:
+            raise UserError("--adapter: serve text adapters and LLaVA checkpoints from separate services")
+        mh = LlavaHost(model, visual_encoder, llavas, bits=bits, trust_remote_code=trust_remote_code)
+    else:
+        mh = ModelHost(model, bits=bits, template=template, system=system, trust_remote_code=trust_remote_code)
     for name, path in adapters:
         sm = mh.add_adapter(name, path)
         log(f"adapter {name}: {sm.path} (template {sm.template})")

@@ -193,3 +193,44 @@ def test_export_llava_loads_in_transformers_and_answers_the_same(llava_ws, tmp_p
             assert theirs == answer(*ours, q, image, max_new_tokens=8)
             compared += 1
     assert compared == 9
+
+
+def test_serve_takes_image_parts_and_compares_pre_and_post_finetune(llava_ws):
+    import base64
+
+    from openai import OpenAI
+    from starlette.testclient import TestClient
+
+    from engine.llava_serve import LlavaHost
+    from engine.server import build_app
+
+    ws = llava_ws
+    host = LlavaHost(str(ws / "models/tiny-chat-vl"), str(ws / "models/tiny-clip"),
+                     [("pre", str(ws / "work_dirs/llava_pretrain")), ("post", str(ws / "work_dirs/llava_finetune"))],
+                     workspace=ws)
+    item = json.loads((ws / "data/shapes/heldout.json").read_text())[1]
+    uri = "data:image/png;base64," + base64.b64encode((ws / "data/shapes/images" / item["image"]).read_bytes()).decode()
+
+    def ask(client, model, url, question="What shape is it?", **kw):
+        return client.post("/v1/chat/completions", json={"model": model, "max_tokens": 8, "temperature": 0, **kw,
+                                                         "messages": [{"role": "user", "content": [
+                                                             {"type": "image_url", "image_url": {"url": url}},
+                                                             {"type": "text", "text": question}]}]})
+
+    with TestClient(build_app(host)) as c:
+        post = ask(c, "post", uri).json()["choices"][0]["message"]["content"]
+        pre = ask(c, "pre", uri).json()["choices"][0]["message"]["content"]
+        assert post == item["shape"] and pre != post                  # before finetune: a caption, not the answer
+        # the official client, streaming, a path under the workspace
+        client = OpenAI(base_url=f"{c.base_url}/v1", api_key="x", http_client=c)
+        stream = client.chat.completions.create(model="post", stream=True, max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data/shapes/images/{item['image']}"}},
+                                         {"type": "text", "text": "Where is the shape?"}]}])
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == item["place"]
+        bad = ask(c, "post", "/etc/hostname")
+        assert bad.status_code == 400 and "only images under the workspace" in bad.json()["error"]["message"]
+        bad = ask(c, "post", "data:image/png;base64,aGVsbG8=")
+        assert bad.status_code == 400 and bad.json()["error"] == {
+            "message": "messages.0.content.0.image_url: not a readable image", "type": "invalid_request_error",
+            "param": "messages.0.content.0.image_url", "code": None}
+        assert ask(c, "post", "https://example.com/a.png").status_code == 400
