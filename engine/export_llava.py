@@ -19,8 +19,13 @@ def export_llava(llm_path: str, visual_encoder: str, checkpoint: str | Path, out
                  *, overwrite: bool = False) -> Path:
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import (AutoModelForCausalLM, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import (
+        AutoModelForCausalLM,
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from .llava import load_vision
@@ -37,7 +42,7 @@ def export_llava(llm_path: str, visual_encoder: str, checkpoint: str | Path, out
     llm_cfg = AutoConfig.from_pretrained(llm_path, trust_remote_code=True)
     if llm_cfg.model_type not in CONFIG_MAPPING or getattr(llm_cfg, "auto_map", None):
         raise UserError(f"{llm_path}: a {llm_cfg.model_type} model with its own code; LlavaForConditionalGeneration "
-                        "needs a transformers-native LLM (Llama, Qwen2, ...): chat with `tunedeck chat --llava` instead")
+                        "needs a transformers-native LLM (Llama, Qwen2, ...): use `tunedeck chat --llava` instead")
     llm = AutoModelForCausalLM.from_pretrained(llm_path, torch_dtype=torch.float32)
     if (ckpt / LLM_ADAPTER).is_dir():
         llm = PeftModel.from_pretrained(llm, str(ckpt / LLM_ADAPTER)).merge_and_unload()

@@ -15,8 +15,19 @@ import torch
 from .errors import UserError
 from .generation import IncrementalText
 from .inference import GenRequest, ServedModel
-from .llava import (CONFIG_FILE, IMAGE_TAG, LLM_ADAPTER, VIT_ADAPTER, ImageProcessor, LlavaModel, Projector,
-                    encode_llava, llava_checkpoint_dir, load_projector, load_vision)
+from .llava import (
+    CONFIG_FILE,
+    IMAGE_TAG,
+    LLM_ADAPTER,
+    VIT_ADAPTER,
+    ImageProcessor,
+    LlavaModel,
+    Projector,
+    encode_llava,
+    llava_checkpoint_dir,
+    load_projector,
+    load_vision,
+)
 from .templates import stop_token_ids, stop_words
 
 

@@ -183,7 +183,8 @@ class LlavaTrainer(Trainer):
 
     def meta(self) -> dict[str, Any]:
         return super().meta() | {"llava": True, "stage": self.recipe.llava.stage,
-                                 "visual_encoder": self.recipe.llava.visual_encoder}
+                                 "visual_encoder": self.recipe.llava.visual_encoder,
+                                 "pretrained_pth": self.recipe.llava.pretrained_pth}
 
     @torch.no_grad()
     def evaluate(self) -> list[dict[str, Any]]:

@@ -234,3 +234,42 @@ def test_serve_takes_image_parts_and_compares_pre_and_post_finetune(llava_ws):
             "message": "messages.0.content.0.image_url: not a readable image", "type": "invalid_request_error",
             "param": "messages.0.content.0.image_url", "code": None}
         assert ask(c, "post", "https://example.com/a.png").status_code == 400
+
+
+async def test_tui_compares_pre_and_post_finetune_about_an_image(llava_ws):
+    from test_tui import built, wait_for
+    from textual.widgets import Input, Select
+
+    from tui.app import TunedeckApp
+
+    ws = llava_ws
+    item = json.loads((ws / "data/shapes/heldout.json").read_text())[2]
+    app = TunedeckApp(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await built(pilot)
+        await pilot.press("3")                       # the run view shows the evaluation image beside the answers
+        runs = app.query_one("#runs-table")
+        ft_row = next(i for i, p in enumerate(app.query_one("#runs-pane").rows) if p.name == "llava_finetune")
+        runs.move_cursor(row=ft_row)
+        await wait_for(pilot, lambda: app.query_one("#rv-eval-image").display, 10, "the evaluation image")
+        assert "▀" in str(app.query_one("#rv-eval-image").render())
+        assert "[heldout_0000.png]" in str(app.query_one("#rv-evals").render())
+        await pilot.press("4")
+        await pilot.pause()
+        from tui.screens.chat import checkpoint_choices
+
+        ckpt = next(v for label, v in checkpoint_choices(ws) if label.startswith("llava_finetune/"))
+        app.query_one("#chat-ckpt", Select).value = ckpt
+        await wait_for(pilot, lambda: "ready" in str(app.query_one("#chat-status").render()), 180,
+                       "the LLaVA service to start")
+        assert app.query_one("#chat-image-row").display
+        app.query_one("#chat-image", Input).value = f"data/shapes/images/{item['image']}"
+        await pilot.pause(0.3)
+        assert "▀" in str(app.query_one("#chat-image-view").render())      # the image, in half blocks
+        app.query_one("#chat-input", Input).value = "What colour is the shape?"
+        await pilot.press("enter")
+        right, left = app.query_one("#chat-right"), app.query_one("#chat-left")
+        await wait_for(pilot, lambda: len(right.history) == 2 and len(left.history) == 2, 60, "both answers")
+        assert right.history[1]["content"].strip() == item["colour"]
+        assert left.history[1]["content"].strip() != item["colour"]      # pre-finetune: a caption
+        assert left.query_one(".side-title").render().plain.startswith("pre-finetune")

@@ -16,8 +16,8 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from .client import ServiceClient
 from .messages import ChatWith, ConfigsChanged, EditConfig, ShowRun
 
-PANE_CLASSES = {"configs": "ConfigsPane", "editor": "EditorPane", "runs": "RunsPane", "chat": "ChatPane", "files": "FilesPane",
-                "data": "DataPane"}
+PANE_CLASSES = {"configs": "ConfigsPane", "editor": "EditorPane", "runs": "RunsPane", "chat": "ChatPane",
+                "files": "FilesPane", "data": "DataPane"}
 
 
 class Deferred(Widget):

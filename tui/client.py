@@ -50,10 +50,12 @@ class ServiceClient:
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None
 
-    def ensure(self, base: str, progress: Callable[[str], None], timeout: float = 900) -> None:
-        """A service for ``base``: reuse the running one, else (re)start ours and wait until it answers."""
+    def ensure(self, base: str, progress: Callable[[str], None], timeout: float = 900, *,
+               extra_args: tuple[str, ...] = (), models: tuple[str, ...] = ()) -> None:
+        """A service for ``base`` (serving ``models`` too): reuse the running one, else (re)start ours
+        and wait until it answers."""
         h = self.health()
-        if h is not None and Path(h.get("base", "")) == Path(base):
+        if h is not None and Path(h.get("base", "")) == Path(base) and set(models) <= set(h.get("models", [])):
             self.base = base
             return
         self.close()
@@ -61,8 +63,9 @@ class ServiceClient:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(engine_command("serve", base, "--port", str(port)), cwd=self.workspace,
-                                     env=engine_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(engine_command("serve", base, "--port", str(port), *extra_args),
+                                     cwd=self.workspace, env=engine_env(), stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT)
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, DirectoryTree, Input, Label
 
 
 class NameDialog(ModalScreen[str | None]):
@@ -31,6 +33,36 @@ class NameDialog(ModalScreen[str | None]):
     @on(Input.Submitted)
     def ok(self) -> None:
         self.dismiss(self.query_one(Input).value.strip() or None)
+
+    @on(Button.Pressed, "#cancel")
+    def cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PathPicker(ModalScreen[str | None]):
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Pick a file or folder (enter on a folder picks it; escape cancels)")
+            yield DirectoryTree(str(self.root), id="picker")
+            with Horizontal(classes="buttons"):
+                yield Button("Use highlighted folder", id="use-dir")
+                yield Button("Cancel", id="cancel")
+
+    @on(DirectoryTree.FileSelected)
+    def file_selected(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(str(event.path))
+
+    @on(Button.Pressed, "#use-dir")
+    def use_dir(self) -> None:
+        node = self.query_one(DirectoryTree).cursor_node
+        if node is not None and node.data is not None:
+            self.dismiss(str(node.data.path))
 
     @on(Button.Pressed, "#cancel")
     def cancel(self) -> None:

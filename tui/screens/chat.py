@@ -16,6 +16,8 @@ from textual.widgets import Button, Input, Label, Select, Static
 from engine.runs import find_runs
 
 from ..client import ServiceClient, ServiceError
+from ..dialogs import PathPicker
+from ..widgets.image import half_blocks
 
 
 def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
@@ -24,6 +26,32 @@ def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
         for ck in reversed(run.checkpoints()):
             out.append((f"{run.path.name}/{ck.name}", str(ck)))
     return out
+
+
+def pretrain_of(checkpoint: Path) -> Path | None:
+    """The pretrain checkpoint a LLaVA finetune started from (its recipe's llava.pretrained_pth)."""
+    from engine.runs import RunDirectory
+
+    try:
+        ref = json.loads((checkpoint / "tunedeck.json").read_text()).get("pretrained_pth")
+    except (OSError, ValueError):
+        return None
+    if not ref:
+        return None
+    p = Path(ref)
+    if (p / "llava.json").is_file():
+        return p
+    return RunDirectory(p).latest_checkpoint() if p.is_dir() else None
+
+
+def image_part(path: str) -> dict:
+    """An OpenAI image_url part carrying the file as a data: URI."""
+    import base64
+    import mimetypes
+
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
 
 
 def base_of(checkpoint: Path) -> str | None:
@@ -68,7 +96,7 @@ class Transcript(VerticalScroll):
         self.current += text
         self._redraw()
 
-    def done(self, prompt: str, error: str | None = None) -> None:
+    def done(self, prompt: str | list, error: str | None = None) -> None:
         if error:
             self.text.append(self.current)
             self.text.append(f"\n[{error}]\n", style="bold red")
@@ -91,6 +119,8 @@ class ChatPane(Vertical):
         self.workspace = workspace
         self.service = service
         self.right_model: str | None = None
+        self.left_model = "base"
+        self.llava = False
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="buttons", id="chat-controls"):
@@ -100,12 +130,17 @@ class ChatPane(Vertical):
             yield Input("128", id="chat-max-tokens", type="integer")
             yield Button("Reset", id="chat-reset")
         yield Label("", id="chat-status")
+        with Horizontal(id="chat-image-row"):           # LLaVA checkpoints: the image both sides are asked about
+            yield Input(placeholder="image (path) for the LLaVA comparison", id="chat-image")
+            yield Button("…", id="chat-image-pick", classes="pick")
+        yield Static("", id="chat-image-view")
         with Horizontal(id="chat-sides"):
             yield Transcript("base", id="chat-left")
             yield Transcript("fine-tuned", id="chat-right")
         yield Input(placeholder="ask both… (enter sends)", id="chat-input")
 
     def on_mount(self) -> None:
+        self.set_llava(False)
         self.refresh_checkpoints()
 
     def refresh_checkpoints(self) -> None:
@@ -129,8 +164,37 @@ class ChatPane(Vertical):
         if event.value is not Select.BLANK:
             self._connect(Path(str(event.value)))
 
+    def set_llava(self, on: bool) -> None:
+        self.llava = on
+        self.query_one("#chat-image-row").display = on
+        self.query_one("#chat-image-view").display = on
+
+    @on(Input.Changed, "#chat-image")
+    def image_changed(self, event: Input.Changed) -> None:
+        path = self.image_path()
+        self.query_one("#chat-image-view", Static).update(half_blocks(path, 24, 12) if path else "")
+
+    def image_path(self) -> str | None:
+        value = self.query_one("#chat-image", Input).value.strip()
+        if not value:
+            return None
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else self.workspace / p)
+
+    @on(Button.Pressed, "#chat-image-pick")
+    def pick_image(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.query_one("#chat-image", Input).value = path
+        self.app.push_screen(PathPicker(self.workspace), done)
+
     @work(thread=True, exclusive=True, group="chat-connect", exit_on_error=False)
     def _connect(self, ckpt: Path) -> None:
+        if (ckpt / "llava.json").is_file():
+            self._connect_llava(ckpt)
+            return
+        self.app.call_from_thread(self.set_llava, False)
+        self.left_model = "base"
         base = base_of(ckpt)
         say = lambda t, s="dim": self.app.call_from_thread(self.status, t, s)  # noqa: E731
         if not base:
@@ -148,6 +212,33 @@ class ChatPane(Vertical):
         self.app.call_from_thread(self.query_one("#chat-right", Transcript).set_title, name)
         say(f"ready: {self.service.url}", "green")
 
+    def _connect_llava(self, ckpt: Path) -> None:
+        """Left: the pretrain checkpoint (projector only); right: this finetune checkpoint."""
+        say = lambda t, s="dim": self.app.call_from_thread(self.status, t, s)  # noqa: E731
+        try:
+            info = json.loads((ckpt / "llava.json").read_text())
+        except (OSError, ValueError):
+            say(f"{ckpt}: unreadable llava.json", "red")
+            return
+        pre = pretrain_of(ckpt) if info.get("stage") == "finetune" else ckpt
+        if pre is None:
+            say(f"{ckpt}: its recipe names no pretrain checkpoint (llava.pretrained_pth) to compare with", "red")
+            return
+        name = f"{ckpt.parent.name}-{ckpt.name}"
+        try:
+            args = ("--visual-encoder", info["visual_encoder"], "--llava", f"pre-finetune={pre}",
+                    "--llava", f"{name}={ckpt}")
+            self.service.ensure(info["llm"], say, extra_args=args, models=("pre-finetune", name))
+        except ServiceError as e:
+            say(str(e), "bold red")
+            return
+        self.left_model, self.right_model = "pre-finetune", name
+        self.app.call_from_thread(self.set_llava, True)
+        self.app.call_from_thread(self.query_one("#chat-left", Transcript).set_title,
+                                  f"pre-finetune · {pre.parent.name}/{pre.name}")
+        self.app.call_from_thread(self.query_one("#chat-right", Transcript).set_title, name)
+        say(f"ready: {self.service.url} — pick an image, then ask", "green")
+
     @on(Input.Submitted, "#chat-input")
     def send(self, event: Input.Submitted) -> None:
         prompt = event.value.strip()
@@ -156,11 +247,18 @@ class ChatPane(Vertical):
         if self.right_model is None:
             self.app.notify("pick a fine-tuned checkpoint first (it starts the service)", severity="warning")
             return
+        image = self.image_path() if self.llava else None
+        if image is not None and not Path(image).is_file():
+            self.app.notify(f"{image}: no such image", severity="error")
+            return
         event.input.value = ""
-        for side, model in (("#chat-left", "base"), ("#chat-right", self.right_model)):
+        for side, model in (("#chat-left", self.left_model), ("#chat-right", self.right_model)):
             t = self.query_one(side, Transcript)
             t.ask(prompt)
-            self._stream(t, model, prompt)
+            content: str | list = prompt
+            if image is not None and not t.history:      # the image goes with the first question
+                content = [image_part(image), {"type": "text", "text": prompt}]
+            self._stream(t, model, content)
 
     def params(self) -> dict:
         def num(id_: str, default: float) -> float:
@@ -176,7 +274,7 @@ class ChatPane(Vertical):
         return [{"role": "system", "content": s}] if s else []
 
     @work(thread=True, exit_on_error=False)
-    def _stream(self, side: Transcript, model: str, prompt: str) -> None:
+    def _stream(self, side: Transcript, model: str, prompt: str | list) -> None:
         messages = self.system() + side.history + [{"role": "user", "content": prompt}]
         try:
             for piece in self.service.stream(model, messages, **self.params()):

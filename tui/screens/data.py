@@ -103,7 +103,8 @@ class DataPane(Horizontal):
         out.append(f"{d['data_path']}\n", style="bold")
         out.append(f"{d['records']} records · template {d['template']} · {d['truncated']} truncated to "
                    f"{d['max_length']} tokens · {d['dropped']} dropped\n")
-        out.append(f"tokens: min {s['min']}  mean {s['mean']}  median {s['median']}  p95 {s['p95']}  max {s['max']}\n\n")
+        out.append(f"tokens: min {s['min']}  mean {s['mean']}  median {s['median']}  p95 {s['p95']}  "
+                   f"max {s['max']}\n\n")
         out.append("token lengths\n", style="bold")
         out.append_text(histogram_text(d["histogram"]))
         for i, segs in enumerate(d["samples"]):

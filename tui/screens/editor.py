@@ -13,15 +13,13 @@ from typing import Any
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Button, DirectoryTree, Input, Label, Select, Static, Switch
+from textual.widgets import Button, Input, Label, Select, Static, Switch
 
 from engine import catalogue
 from engine.errors import ConfigError, UserError
 
-from ..dialogs import NameDialog
+from ..dialogs import NameDialog, PathPicker
 from ..messages import ConfigsChanged
 
 
@@ -44,36 +42,6 @@ def as_text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return json.dumps(list(value), ensure_ascii=False)
     return str(value)
-
-
-class PathPicker(ModalScreen[str | None]):
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
-
-    def __init__(self, root: Path):
-        super().__init__()
-        self.root = root
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label("Pick a file or folder (enter on a folder picks it; escape cancels)")
-            yield DirectoryTree(str(self.root), id="picker")
-            with Horizontal(classes="buttons"):
-                yield Button("Use highlighted folder", id="use-dir")
-                yield Button("Cancel", id="cancel")
-
-    @on(DirectoryTree.FileSelected)
-    def file_selected(self, event: DirectoryTree.FileSelected) -> None:
-        self.dismiss(str(event.path))
-
-    @on(Button.Pressed, "#use-dir")
-    def use_dir(self) -> None:
-        node = self.query_one(DirectoryTree).cursor_node
-        if node is not None and node.data is not None:
-            self.dismiss(str(node.data.path))
-
-    @on(Button.Pressed, "#cancel")
-    def cancel(self) -> None:
-        self.dismiss(None)
 
 
 class EditorPane(Vertical):

@@ -11,8 +11,8 @@ from pathlib import Path
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.message import Message
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import Button, DataTable, Log, ProgressBar, Select, Sparkline, Static
 
 from engine.constants import DEEPSPEED_CHOICES
@@ -21,6 +21,7 @@ from engine.runs import RunDirectory, find_runs, format_eta, format_loss
 
 from ..gpus import list_gpus
 from ..messages import ShowRun
+from ..widgets.image import half_blocks
 from ..widgets.plot import LossPlot
 from ..workspace import run_engine, workspace_configs
 
@@ -93,8 +94,10 @@ class RunView(Vertical):
             yield Button("Resume (r)", id="rv-resume")
         yield Log(id="rv-log", max_lines=5000)
         yield LossPlot(id="rv-plot")
-        with VerticalScroll(id="rv-evals-box"):
-            yield Static("", id="rv-evals")
+        with Horizontal(id="rv-evals-row"):
+            yield Static("", id="rv-eval-image")           # a LLaVA run's evaluation image, beside its answers
+            with VerticalScroll(id="rv-evals-box"):
+                yield Static("", id="rv-evals")
 
     def show(self, path: Path) -> None:
         self.run = RunDirectory(path)
@@ -107,6 +110,8 @@ class RunView(Vertical):
         self.query_one("#rv-log", Log).clear()
         self.query_one("#rv-plot", LossPlot).data = []
         self.query_one("#rv-evals", Static).update("")
+        self.query_one("#rv-eval-image", Static).display = False
+        self._eval_image = None
         self.refresh_view()
 
     def refresh_view(self) -> None:
@@ -147,8 +152,15 @@ class RunView(Vertical):
             self.evals += fresh
             evals = self.evals
             self.query_one("#rv-evals", Static).update(Text("\n").join(
-                Text.assemble((f"@{e['step']} ", "dim"), (e["prompt"], "bold"), " → ", e["answer"])
+                Text.assemble((f"@{e['step']} ", "dim"), (f"[{Path(e['image']).name}] " if e.get("image") else "",
+                                                          "magenta"), (e["prompt"], "bold"), " → ", e["answer"])
                 for e in evals[-30:]))
+            image = next((e["image"] for e in reversed(evals) if e.get("image")), None)
+            view = self.query_one("#rv-eval-image", Static)
+            view.display = image is not None
+            if image is not None and image != getattr(self, "_eval_image", None):
+                self._eval_image = image
+                view.update(half_blocks(image, 12, 6))
         gpus = list_gpus(st.get("devices")) if state in ("running", "starting") else []
         self.query_one("#rv-gpus", Static).update("  ".join(g.label() for g in gpus))
         self.query_one("#rv-stop", Button).disabled = state not in ("running", "starting")
@@ -161,7 +173,7 @@ class RunView(Vertical):
 class RunsWatcher:
     """Watches work_dirs (recursively) with watchdog and posts RunsPane.FilesChanged for any change."""
 
-    def __init__(self, root: Path, pane: "RunsPane"):
+    def __init__(self, root: Path, pane: RunsPane):
         self.root, self.pane = root, pane
         self.observer = None
         self.pending = threading.Event()     # one message until the pane has handled it, not one per write
@@ -233,7 +245,7 @@ class RunsPane(Horizontal):
     def on_unmount(self) -> None:
         self.watcher.stop()
 
-    def on_runs_pane_files_changed(self, message: "RunsPane.FilesChanged") -> None:
+    def on_runs_pane_files_changed(self, message: RunsPane.FilesChanged) -> None:
         self.set_timer(0.25, self._update)     # what else changes in that quarter second comes along
 
     def _update(self) -> None:
