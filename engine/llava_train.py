@@ -38,6 +38,7 @@ log = logging.getLogger("tunedeck")
 
 
 class LlavaTrainer(Trainer):
+    find_unused_parameters = True        # a text-only batch gives the projector and vision LoRA no gradient
 
     def _setup_data(self) -> None:
         r, lv = self.recipe, self.recipe.llava

@@ -62,6 +62,8 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, start_factor: float = 1
 
 
 class Trainer:
+    find_unused_parameters = False       # DDP: every trainable weight gets a gradient every step
+
     def __init__(self, recipe: Recipe, run: RunDirectory, *, resume_from: Path | None = None,
                  config_name: str = ""):
         self.recipe = recipe
@@ -92,7 +94,8 @@ class Trainer:
             self._resume(self.resume_from)
         if self.ds_engine is None and self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.local_rank] if self.precision.device == "cuda" else None)
+                self.model, device_ids=[self.local_rank] if self.precision.device == "cuda" else None,
+                find_unused_parameters=self.find_unused_parameters)
         if self.device.type == "cuda":   # peak memory of training, not of loading
             torch.cuda.reset_peak_memory_stats(self.device)
 
