@@ -223,8 +223,9 @@ def test_serve_takes_image_parts_and_compares_pre_and_post_finetune(llava_ws):
         assert post == item["shape"] and pre != post                  # before finetune: a caption, not the answer
         # the official client, streaming, a path under the workspace
         client = OpenAI(base_url=f"{c.base_url}/v1", api_key="x", http_client=c)
+        path = f"data/shapes/images/{item['image']}"
         stream = client.chat.completions.create(model="post", stream=True, max_tokens=8, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data/shapes/images/{item['image']}"}},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": path}},
                                          {"type": "text", "text": "Where is the shape?"}]}])
         assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == item["place"]
         bad = ask(c, "post", "/etc/hostname")
