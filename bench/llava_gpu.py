@@ -104,8 +104,14 @@ def run_baseline(data: Path, steps: int) -> dict:
     model, PEFT LoRA (r 512 on the LLM, r 64 on the vision tower via rank_pattern), projector trained."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoConfig, BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import (
+        AutoConfig,
+        BitsAndBytesConfig,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     from engine.llava import IMAGE_TOKEN, encode_llava, load_llava_records
     from engine.modeling import load_tokenizer
@@ -115,7 +121,8 @@ def run_baseline(data: Path, steps: int) -> dict:
     if not (hf_dir / "config.json").exists():
         from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-        cfg = LlavaConfig(vision_config=CLIPVisionConfig.from_pretrained(VIT), text_config=AutoConfig.from_pretrained(LLM),
+        cfg = LlavaConfig(vision_config=CLIPVisionConfig.from_pretrained(VIT),
+                          text_config=AutoConfig.from_pretrained(LLM),
                           image_token_index=image_id, projector_hidden_act="gelu", vision_feature_layer=-2,
                           vision_feature_select_strategy="default", image_seq_length=576)
         with torch.device("cuda"):

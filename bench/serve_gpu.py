@@ -167,7 +167,8 @@ def ours(new_tokens: int) -> dict:
     single_rate = single_best["tokens"] - 1
     one_stream_wall = single_rate / single_best["decode_tokens_per_s"]
     sched.close()
-    return {"load_s": round(load_s, 1), "startup_compile_s": round(compile_s, 1), "first_requests_s": warm, "single": single_best, "single_runs": single,
+    return {"load_s": round(load_s, 1), "startup_compile_s": round(compile_s, 1), "first_requests_s": warm,
+            "single": single_best, "single_runs": single,
             "pair": pair_best, "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
             "static_cache": host.static_cache, "one_stream_wall_s": round(one_stream_wall, 2)}
 

@@ -170,7 +170,8 @@ def main() -> None:
             hello.append(cold_start(HELLO))
             ours.append(cold_start(TUNEDECK.format(repo=str(REPO), ws=str(ws))))
         resp = asyncio.run(responsiveness(ws, run))
-    res = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": __import__("os").cpu_count(),
+    res = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+           "cpus": __import__("os").cpu_count(),
            "python": platform.python_version(), "textual": __import__("textual").__version__,
            "cold_start_s": {"hello_first_frame_median": med(hello, 0),
                             "tunedeck_first_frame_median": med(ours, 0),

@@ -72,7 +72,8 @@ def test_training_uses_4bit_base_weights(workspace):
     from engine.config import load_recipe
     from engine.trainer import Trainer
 
-    _, recipe = load_recipe("demo.yaml", ["model.path=models/tiny-chat", "data.data_path=data/personal_assistant.jsonl"])
+    _, recipe = load_recipe("demo.yaml", ["model.path=models/tiny-chat",
+                                          "data.data_path=data/personal_assistant.jsonl"])
     t = Trainer(recipe, RunDirectory(workspace / "r"))
     t.setup()
     kinds = {type(m) for m in t.model.modules()}

@@ -97,7 +97,8 @@ async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
         await pilot.press("ctrl+s")
         await pilot.pause()
     text = copied.read_text()
-    assert "lr: 1e-4" in text and "max_epochs: 2" in text, [ln for ln in text.splitlines() if "lr:" in ln or "epochs" in ln]
+    assert "lr: 1e-4" in text and "max_epochs: 2" in text, [
+        ln for ln in text.splitlines() if "lr:" in ln or "epochs" in ln]
     assert "  max_norm: 1  # grad clip" in text                  # comments kept
 
 
