@@ -80,10 +80,12 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
     return res
 
 
-def run_tunedeck(work: Path, steps: int, deepspeed: str | None, data: Path) -> dict:
+def run_tunedeck(work: Path, steps: int, deepspeed: str | None, data: Path, sets: list[str] = ()) -> dict:
     cmd = [sys.executable, "-m", "engine.cli", "train", str(RECIPE), "--work-dir", str(work),
            "--set", f"model.path={MODEL}", "--set", "model.trust_remote_code=false",
            "--set", f"data.data_path={data}", "--set", f"max_steps={steps}", "--set", "save_steps=1000"]
+    for kv in sets:
+        cmd += ["--set", kv]
     if deepspeed:
         cmd += ["--deepspeed", deepspeed]
     t0 = time.time()
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--collect", help="summarize a finished run directory instead of training")
     ap.add_argument("--baseline-json", help="the baseline's JSON line, measured earlier in this lease")
+    ap.add_argument("--set", action="append", default=[], help="recipe override for tunedeck's run (repeatable)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
     import bitsandbytes
     import peft
@@ -119,11 +123,12 @@ def main() -> None:
     elif args.baseline:
         result["baseline"] = run_baseline(args.baseline)
         print("baseline", json.dumps(result["baseline"]), flush=True)
-    name = f"qlora_{args.deepspeed}" if args.deepspeed else "qlora"
+    name = (f"qlora_{args.deepspeed}" if args.deepspeed else "qlora") + (f"_{args.tag}" if args.tag else "")
+    result["overrides"] = args.set
     if args.collect:
         result["tunedeck"] = summarize(Path(args.collect))
     else:
-        result["tunedeck"] = run_tunedeck(Path(f"/tmp/ft/run_{name}"), args.steps, args.deepspeed, data)
+        result["tunedeck"] = run_tunedeck(Path(f"/tmp/ft/run_{name}"), args.steps, args.deepspeed, data, args.set)
     b = result.get("baseline", {})
     if b.get("tokens_per_s") and result["tunedeck"].get("tokens_per_s"):
         result["ratio_tokens_per_s"] = round(result["tunedeck"]["tokens_per_s"] / b["tokens_per_s"], 3)

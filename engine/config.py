@@ -127,6 +127,11 @@ class TrainSection(_Section):
     deepspeed: Literal[DEEPSPEED_CHOICES] = Field(  # type: ignore[valid-type]
         "none", description="DeepSpeed ZeRO stage (configs/deepspeed/NAME.json); none = plain PyTorch.")
     logging_steps: int = Field(1, ge=1, description="Write metrics every this many optimizer steps.")
+    rows_per_forward: int = Field(
+        0, ge=0, le=65536,
+        description="Rows of an accumulation window run through the model together (the same gradient as one "
+                    "micro-batch at a time, fewer and larger kernels); 0 = auto: the whole window on a GPU, halved "
+                    "while it does not fit in memory; batch_size on the CPU.")
 
     @field_validator("betas")
     @classmethod

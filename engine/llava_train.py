@@ -39,6 +39,7 @@ log = logging.getLogger("tunedeck")
 
 class LlavaTrainer(Trainer):
     find_unused_parameters = True        # a text-only batch gives the projector and vision LoRA no gradient
+    chunked_loss_ok = False              # the forward goes through the image embedding
 
     def _setup_data(self) -> None:
         r, lv = self.recipe, self.recipe.llava

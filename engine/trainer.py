@@ -63,6 +63,7 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, start_factor: float = 1
 
 class Trainer:
     find_unused_parameters = False       # DDP: every trainable weight gets a gradient every step
+    chunked_loss_ok = True               # the decoder + chunked cross-entropy path fits this model family
 
     def __init__(self, recipe: Recipe, run: RunDirectory, *, resume_from: Path | None = None,
                  config_name: str = ""):
@@ -88,6 +89,8 @@ class Trainer:
         self.template = resolve_template_name(r.data.prompt_template, self.tokenizer)
         self._setup_data()
         self._setup_model()
+        # on a GPU the loss is taken from hidden states in chunks (no batch-sized fp32 logits)
+        self.chunked_loss = self.device.type == "cuda"
         self._setup_optimizer()
         self.pos = Position()
         if self.resume_from is not None:
@@ -310,9 +313,27 @@ class Trainer:
         model = self.ds_engine or self.model
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
 
+    def _chunked_parts(self) -> tuple[Any, Any] | None:
+        """(decoder, output head) when the loss can be computed from hidden states in chunks: one
+        process, no DeepSpeed, a model that exposes both (transformers-native causal LMs do)."""
+        if self.ds_engine is not None or self.world > 1 or not self.chunked_loss_ok:
+            return None
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        try:
+            decoder, head = model.get_decoder(), model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        return (decoder, head) if decoder is not None and head is not None else None
+
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = self._chunked_parts() if self.chunked_loss else None
         with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
                             enabled=self.precision.autocast_dtype is not None):
+            if parts is not None:
+                decoder, head = parts
+                hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 use_cache=False).last_hidden_state
+                return chunked_cross_entropy_sum(hidden[:, :-1], head, batch["labels"][:, 1:])
             out = self._forward(batch)
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
@@ -326,16 +347,44 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return int(t.item())
 
+    def _rows_per_forward(self, window_rows: int) -> int:
+        t = self.recipe.train
+        if self.ds_engine is not None:          # DeepSpeed counts its micro-steps itself
+            return t.batch_size
+        if t.rows_per_forward:
+            return t.rows_per_forward
+        if self.device.type != "cuda":
+            return t.batch_size
+        return self._auto_rows or window_rows
+
+    _auto_rows = 0
+
     def _train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """One optimizer step over a window; returns (mean loss, grad norm, tokens seen)."""
+        window_rows = sum(int(b["input_ids"].shape[0]) for b in batches)
+        while True:
+            k = self._rows_per_forward(window_rows)
+            try:
+                return self._window_step(regroup(batches, k, self.pad_id) if k != self.recipe.train.batch_size
+                                         else batches)
+            except torch.cuda.OutOfMemoryError:
+                # auto: halve the rows per forward and redo the window from a clean slate
+                if self.recipe.train.rows_per_forward or k <= self.recipe.train.batch_size:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                self._auto_rows = max(self.recipe.train.batch_size, k // 2)
+                log.info("rows per forward: %d did not fit in GPU memory, trying %d", k, self._auto_rows)
+
+    def _window_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n_global = max(1, self._global_count(n_targets))
         scale = self.world / n_global          # DDP / DeepSpeed average gradients over ranks
-        loss_total = 0.0
+        losses = []
         tokens = 0
         for b in batches:
             loss_sum = self._loss_sum(b)
-            loss_total += loss_sum.item()
+            losses.append(loss_sum.detach())
             tokens += int(b["input_ids"].numel())
             loss = loss_sum * scale
             if self.ds_engine is not None:
@@ -361,6 +410,7 @@ class Trainer:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+        loss_total = float(torch.stack(losses).sum())       # one device sync per step
         loss_mean = loss_total
         if self.world > 1:
             lt = torch.tensor([loss_total], device=self.device, dtype=torch.float64)
@@ -550,6 +600,54 @@ class Trainer:
             model.train()
         set_rng_state(rng)
         return out
+
+
+def regroup(batches: list[dict[str, torch.Tensor]], rows: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The window's rows in forwards of ``rows`` rows (right-padded to the widest; padding is its own
+    position segment and never a target, as in collate)."""
+    flat = [{k: v[i] for k, v in b.items()} for b in batches for i in range(v_len(b))]
+    out = []
+    for s in range(0, len(flat), max(1, rows)):
+        group = flat[s:s + rows]
+        width = max(int(r["input_ids"].shape[0]) for r in group)
+        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
+        chunk: dict[str, list[torch.Tensor]] = {k: [] for k in group[0]}
+        for r in group:
+            pad = width - int(r["input_ids"].shape[0])
+            for k, v in r.items():
+                if pad:
+                    extra = (torch.arange(pad, device=v.device, dtype=v.dtype) if k == "position_ids"
+                             else torch.full((pad,), fill.get(k, 0), device=v.device, dtype=v.dtype))
+                    v = torch.cat([v, extra])
+                chunk[k].append(v)
+        out.append({k: torch.stack(v) for k, v in chunk.items()})
+    return out
+
+
+def v_len(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def _ce_chunk(hidden: torch.Tensor, head: Any, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, head: Any, labels: torch.Tensor,
+                              chunk_tokens: int = 4096) -> torch.Tensor:
+    """Sum of token cross-entropies without ever holding the whole batch's logits: the output head
+    and the loss run on chunks of target positions, each recomputed in backward (checkpointed).
+    Positions that are not targets never reach the head."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = (y != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    h, y = h.index_select(0, keep), y.index_select(0, keep)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, int(y.shape[0]), chunk_tokens):
+        total = total + checkpoint(_ce_chunk, h[s:s + chunk_tokens], head, y[s:s + chunk_tokens],
+                                   use_reentrant=False)
+    return total
 
 
 def _free_port() -> int:

@@ -256,3 +256,47 @@ def test_tensorboard_events_when_installed(workspace):
     assert run_cli("train", "demo.yaml", "--work-dir", "tb", "--set", "max_steps=3",
                    "--set", "evaluation_inputs=[]") == 0
     assert list((workspace / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_chunked_loss_and_fused_micro_batches_give_the_same_step(workspace):
+    """The GPU paths, checked on the CPU: the loss from hidden states in chunks, and a window's
+    micro-batches run as one forward, give the loss and gradients of the plain per-micro-batch step."""
+    import torch
+
+    from engine.config import load_recipe
+    from engine.runs import RunDirectory
+    from engine.trainer import Trainer
+
+    old = os.getcwd()
+    os.chdir(workspace)
+    try:
+        _, recipe = load_recipe("demo.yaml", ["model.path=models/tiny-chat", "lora.dropout=0",
+                                              "data.data_path=data/personal_assistant.jsonl",
+                                              "model.quantization=none", "accumulative_counts=4"])
+        t = Trainer(recipe, RunDirectory(workspace / "r_chunked"))
+        t.setup()
+    finally:
+        os.chdir(old)
+    batches = t._window(0, 0)
+    assert len(batches) == 4
+
+    def step(chunked: bool, rows: int) -> tuple[float, list[torch.Tensor]]:
+        t.chunked_loss = chunked
+        t.optimizer.zero_grad(set_to_none=True)
+        from engine.trainer import regroup
+
+        group = regroup(batches, rows, t.pad_id) if rows != recipe.train.batch_size else batches
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = 0.0
+        for b in group:
+            loss = t._loss_sum(b)
+            (loss / n).backward()
+            total += float(loss)
+        return total / n, [p.grad.clone() for p in t.trainable]
+
+    plain_loss, plain_grads = step(False, recipe.train.batch_size)
+    assert t._chunked_parts() is not None
+    for chunked, rows in ((True, recipe.train.batch_size), (False, 8), (True, 8), (True, 3)):
+        loss, grads = step(chunked, rows)
+        assert loss == pytest.approx(plain_loss, rel=1e-5), (chunked, rows)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, plain_grads)), (chunked, rows)
