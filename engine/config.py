@@ -43,6 +43,9 @@ class ModelSection(_Section):
         True, description="Quantize the 4-bit quantization constants again (saves ~0.4 bit a weight).")
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward: far less memory, about 30% more compute.")
+    liger_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (the same math, less memory "
+                            "traffic); auto = on a GPU when liger-kernel is installed and knows the model.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
         "auto", description="Attention kernel; auto = sdpa. Packed samples stay isolated with all three.")
 

@@ -70,6 +70,37 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2",
+                 "mistral": "apply_liger_kernel_to_mistral", "qwen3": "apply_liger_kernel_to_qwen3"}
+
+
+def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: bool) -> bool:
+    """Patch transformers' model classes with Liger's RMSNorm / RoPE / SwiGLU kernels before loading;
+    True when applied. The loss stays ours (chunked), so Liger's cross-entropy is left off."""
+    if mode == "off" or (mode == "auto" and precision.device != "cuda"):
+        return False
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    reason = None
+    if precision.device != "cuda":
+        reason = "needs a CUDA GPU"
+    elif model_type not in LIGER_PATCHES:
+        reason = f"has no kernels for {model_type} models"
+    else:
+        try:
+            import liger_kernel.transformers as lk
+        except ImportError:
+            reason = "is not installed (pip install liger-kernel)"
+    if reason:
+        if mode == "on":
+            raise UserError(f"model.liger_kernels: 'on' but Liger {reason}; set auto or off")
+        return False
+    getattr(lk, LIGER_PATCHES[model_type])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                           fused_linear_cross_entropy=False)
+    return True
+
+
 def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4", double_quant: bool = True,
                precision: Precision, trust_remote_code: bool = False, attn_implementation: str = "auto",
                device_map: Any = None) -> Any:

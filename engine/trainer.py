@@ -33,7 +33,7 @@ from .checkpoint import clean_partial, read_trainer_state, rotate_checkpoints, s
 from .config import Recipe
 from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
 from .errors import UserError
-from .modeling import Precision, attach_lora, load_model, load_tokenizer, pick_precision
+from .modeling import Precision, apply_liger, attach_lora, load_model, load_tokenizer, pick_precision
 from .runs import RunDirectory
 from .templates import IGNORE_INDEX, encode_prompt, resolve_template_name, stop_token_ids
 
@@ -178,6 +178,7 @@ class Trainer:
         if full:  # master weights in fp32, compute under autocast
             precision = Precision(precision.device, precision.amp, torch.float32)
         device_map = ({"": self.local_rank} if precision.device == "cuda" else {"": "cpu"})
+        self.liger = apply_liger(r.model.path, r.model.liger_kernels, precision, r.model.trust_remote_code)
         model = load_model(r.model.path, quantization=r.model.quantization, quant_type=r.model.quant_type,
                            double_quant=r.model.double_quant, precision=precision,
                            trust_remote_code=r.model.trust_remote_code,
@@ -488,9 +489,10 @@ class Trainer:
                  "%d tokens; length %s; template %s", d["records"], d["samples"], d["truncated"],
                  self.recipe.data.max_length, d["dropped"], d["rows"], d["tokens"], d["length"], d["template"])
         log.info("first sample (masked spans in ⟦ ⟧): %s", d["first_sample"])
-        log.info("model: %s, %s params, %s trainable (%.2f%%), %s on %s, amp %s", self.recipe.model.path,
+        log.info("model: %s, %s params, %s trainable (%.2f%%), %s on %s, amp %s%s", self.recipe.model.path,
                  f"{self.n_params:,}", f"{self.n_trainable:,}", 100 * self.n_trainable / max(1, self.n_params),
-                 self.recipe.model.quantization, self.device, self.precision.amp)
+                 self.recipe.model.quantization, self.device, self.precision.amp,
+                 ", Liger kernels" if getattr(self, "liger", False) else "")
         log.info("plan: %d steps (%d per epoch x %s epochs), %d micro-batches of %d per step, %d rank(s)",
                  self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
                  self.recipe.train.accumulative_counts, self.recipe.train.batch_size, self.world)
