@@ -47,7 +47,8 @@ class ModelSection(_Section):
         "auto", description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (the same math, less memory "
                             "traffic); auto = on a GPU when liger-kernel is installed and knows the model.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
-        "auto", description="Attention kernel; auto = sdpa. Packed samples stay isolated with all three.")
+        "auto", description="Attention kernel; auto = flex_attention for packed rows on a GPU, else sdpa. "
+                            "Packed samples stay isolated with all three.")
 
 
 class LoraSection(_Section):

@@ -12,6 +12,7 @@ as one big batch.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -179,10 +180,15 @@ class Trainer:
             precision = Precision(precision.device, precision.amp, torch.float32)
         device_map = ({"": self.local_rank} if precision.device == "cuda" else {"": "cpu"})
         self.liger = apply_liger(r.model.path, r.model.liger_kernels, precision, r.model.trust_remote_code)
+        attn = r.model.attn_implementation
+        if (attn == "auto" and precision.device == "cuda" and r.data.pack_to_max_length
+                and not r.model.trust_remote_code and importlib.util.find_spec("torch.nn.attention.flex_attention")):
+            attn = "flex_attention"        # packed rows: a block mask per sample, no dense mask (H100: +5%)
+        self.attn = attn
         model = load_model(r.model.path, quantization=r.model.quantization, quant_type=r.model.quant_type,
                            double_quant=r.model.double_quant, precision=precision,
-                           trust_remote_code=r.model.trust_remote_code,
-                           attn_implementation=r.model.attn_implementation, device_map=device_map)
+                           trust_remote_code=r.model.trust_remote_code, attn_implementation=attn,
+                           device_map=device_map)
         model.config.use_cache = False
         if full:
             if r.model.gradient_checkpointing:
@@ -492,7 +498,8 @@ class Trainer:
         log.info("model: %s, %s params, %s trainable (%.2f%%), %s on %s, amp %s%s", self.recipe.model.path,
                  f"{self.n_params:,}", f"{self.n_trainable:,}", 100 * self.n_trainable / max(1, self.n_params),
                  self.recipe.model.quantization, self.device, self.precision.amp,
-                 ", Liger kernels" if getattr(self, "liger", False) else "")
+                 (", Liger kernels" if getattr(self, "liger", False) else "")
+                 + (f", {self.attn} attention" if getattr(self, "attn", "auto") != "auto" else ""))
         log.info("plan: %d steps (%d per epoch x %s epochs), %d micro-batches of %d per step, %d rank(s)",
                  self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
                  self.recipe.train.accumulative_counts, self.recipe.train.batch_size, self.world)
