@@ -41,6 +41,9 @@ class LlavaTrainer(Trainer):
     find_unused_parameters = True        # a text-only batch gives the projector and vision LoRA no gradient
     chunked_loss_ok = False              # the forward goes through the image embedding
 
+    def _rows_per_forward(self, window_rows: int) -> int:
+        return self.recipe.train.batch_size      # batches carry their images: run them as they are
+
     def _setup_data(self) -> None:
         r, lv = self.recipe, self.recipe.llava
         if not lv.visual_encoder:
