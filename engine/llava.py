@@ -261,21 +261,6 @@ class LlavaModel(nn.Module):
         (out / CONFIG_FILE).write_text(json.dumps(self.info, indent=1, ensure_ascii=False))
 
 
-def read_llava_dir(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if (p / CONFIG_FILE).is_file() and (p / PROJECTOR_FILE).is_file():
-        return json.loads((p / CONFIG_FILE).read_text())
-    from .checkpoint import resolve_checkpoint
-
-    try:
-        ckpt = resolve_checkpoint(p)
-    except UserError:
-        ckpt = None
-    if ckpt is not None and (ckpt / CONFIG_FILE).is_file():
-        return read_llava_dir(ckpt)
-    raise UserError(f"{path}: not a tunedeck LLaVA checkpoint (no {CONFIG_FILE} and {PROJECTOR_FILE})")
-
-
 def llava_checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
     if (p / CONFIG_FILE).is_file():

@@ -17,7 +17,6 @@ from .generation import IncrementalText
 from .inference import GenRequest, ServedModel
 from .llava import (
     CONFIG_FILE,
-    IMAGE_TAG,
     LLM_ADAPTER,
     VIT_ADAPTER,
     ImageProcessor,
@@ -212,6 +211,3 @@ def _add_adapter(part: Any, path: Path, name: str) -> tuple[Any, bool]:
         part.load_adapter(str(path), adapter_name=name)
         return part, True
     return PeftModel.from_pretrained(part, str(path), adapter_name=name), True
-
-
-__all__ = ["LlavaHost", "IMAGE_TAG"]

@@ -614,7 +614,7 @@ class Trainer:
 def regroup(batches: list[dict[str, torch.Tensor]], rows: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """The window's rows in forwards of ``rows`` rows (right-padded to the widest; padding is its own
     position segment and never a target, as in collate)."""
-    flat = [{k: v[i] for k, v in b.items()} for b in batches for i in range(v_len(b))]
+    flat = [{k: v[i] for k, v in b.items()} for b in batches for i in range(int(b["input_ids"].shape[0]))]
     out = []
     for s in range(0, len(flat), max(1, rows)):
         group = flat[s:s + rows]
@@ -631,10 +631,6 @@ def regroup(batches: list[dict[str, torch.Tensor]], rows: int, pad_id: int) -> l
                 chunk[k].append(v)
         out.append({k: torch.stack(v) for k, v in chunk.items()})
     return out
-
-
-def v_len(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["input_ids"].shape[0])
 
 
 def _ce_chunk(hidden: torch.Tensor, head: Any, labels: torch.Tensor) -> torch.Tensor:
