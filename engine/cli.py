@@ -219,11 +219,25 @@ def cmd_data_check(args) -> int:
 
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
     template = resolve_template_name(recipe.data.prompt_template, tok)
-    convs = load_conversations(recipe.data.data_path, recipe.data.format)
-    if recipe.data.system:
-        convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": recipe.data.system}, *c]
-                 for c in convs]
-    data = tokenize_conversations(convs, tok, template, recipe.data.max_length)
+    prefix, images = "", None
+    if recipe.llava.enabled:             # images checked, each one counted as its positions
+        from .llava import load_llava_records, text_part, tokenize_llava, vision_shape
+
+        if not recipe.llava.visual_encoder:
+            raise UserError("llava.visual_encoder: empty; give the CLIP vision model directory")
+        _, n_image = vision_shape(recipe.llava.visual_encoder)
+        records = load_llava_records(recipe.data.data_path, recipe.llava.image_folder)
+        llava_samples, data = tokenize_llava(records, tok, template, n_image, recipe.data.max_length,
+                                             recipe.data.system)
+        data.samples = [text_part(x) for x in llava_samples]
+        images = sum(x.image is not None for x in llava_samples)
+        prefix = f"[image → {n_image} positions] " if llava_samples and llava_samples[0].image else ""
+    else:
+        convs = load_conversations(recipe.data.data_path, recipe.data.format)
+        if recipe.data.system:
+            convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": recipe.data.system}, *c]
+                     for c in convs]
+        data = tokenize_conversations(convs, tok, template, recipe.data.max_length)
     s = data.stats()
     if args.json:
         from .data import length_histogram, masked_segments
@@ -231,10 +245,11 @@ def cmd_data_check(args) -> int:
         print(json.dumps({"data_path": recipe.data.data_path, "records": data.n_records, "template": template,
                           "length": s, "truncated": data.n_truncated, "dropped": data.n_dropped,
                           "max_length": recipe.data.max_length, "histogram": length_histogram(data.lengths),
-                          "samples": [masked_segments(tok, *x) for x in data.samples[:3]]}, ensure_ascii=False))
+                          "samples": [masked_segments(tok, *x) for x in data.samples[:3]],
+                          "images": images}, ensure_ascii=False))
         return 0
     print(f"data:      {recipe.data.data_path}")
-    print(f"records:   {data.n_records}")
+    print(f"records:   {data.n_records}" + (f" ({images} with an image)" if images is not None else ""))
     print(f"template:  {template}")
     print(f"tokens:    min {s['min']}  mean {s['mean']}  median {s['median']}  p95 {s['p95']}  max {s['max']}")
     print(f"truncated: {data.n_truncated} of {data.n_records} longer than max_length {recipe.data.max_length}")
@@ -242,7 +257,7 @@ def cmd_data_check(args) -> int:
         print(f"dropped:   {data.n_dropped} with no assistant token left after truncation")
     if data.samples:
         print("first sample (masked, untrained spans in ⟦ ⟧):")
-        print(render_masked(tok, *data.samples[0]))
+        print(prefix + render_masked(tok, *data.samples[0]))
     return 0
 
 

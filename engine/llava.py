@@ -179,6 +179,54 @@ def load_llava_records(data_path: str, image_folder: str) -> list[tuple[list[dic
     return out
 
 
+def vision_shape(visual_encoder: str) -> tuple[int, int]:
+    """(image size, image positions) of a CLIP vision tower directory."""
+    from transformers import CLIPVisionConfig
+
+    from .modeling import check_model_dir
+
+    check_model_dir(visual_encoder)
+    cfg = CLIPVisionConfig.from_pretrained(visual_encoder)
+    return cfg.image_size, (cfg.image_size // cfg.patch_size) ** 2
+
+
+def tokenize_llava(records: list[tuple[list[dict], Path | None]], tokenizer: Any, template: str,
+                   n_image_tokens: int, max_length: int, system: str = ""):
+    """(samples, TokenizedData stats) of LLaVA records; each distinct conversation is encoded once."""
+    from .data import TokenizedData
+
+    samples: list[LlavaSample] = []
+    lengths: list[int] = []
+    truncated = dropped = 0
+    cache: dict[str, tuple[list[int], list[int]]] = {}
+    for messages, image in records:
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        key = json.dumps(messages, ensure_ascii=False)
+        if key not in cache:
+            cache[key] = encode_llava(tokenizer, template, messages, n_image_tokens)
+        ids, labels = cache[key]
+        lengths.append(len(ids))
+        if len(ids) > max_length:
+            truncated += 1
+            if image is not None and ids.index(IMAGE_TOKEN) + n_image_tokens > max_length:
+                raise DataError(f"data.max_length: {max_length} cuts into the image's {n_image_tokens} "
+                                "positions; raise it")
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(lab == IGNORE_INDEX for lab in labels[1:]):
+            dropped += 1
+            continue
+        samples.append(LlavaSample(ids, labels, image))
+    stats = TokenizedData([(x.input_ids, x.labels) for x in samples], len(records), truncated, dropped, lengths)
+    return samples, stats
+
+
+def text_part(sample: LlavaSample) -> tuple[list[int], list[int]]:
+    """The sample's token ids and labels without its image positions (for display)."""
+    keep = [i for i, t in enumerate(sample.input_ids) if t >= 0]
+    return [sample.input_ids[i] for i in keep], [sample.labels[i] for i in keep]
+
+
 def grouped_order(samples: list[LlavaSample], batch: int, seed: int, shuffle: bool) -> list[int]:
     """The epoch's order: images and text-only samples never share a batch; within a megabatch
     (50 batches) samples of similar length go together, megabatches in random order."""

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from .data import DataError
 from .errors import UserError
 from .llava import (
     CONFIG_FILE,
@@ -24,14 +23,15 @@ from .llava import (
     attach_vision_lora,
     build_llava,
     collate_llava,
-    encode_llava,
     grouped_order,
     load_llava_records,
     load_projector,
     load_vision,
+    text_part,
+    tokenize_llava,
+    vision_shape,
 )
 from .modeling import attach_lora, load_model
-from .templates import IGNORE_INDEX
 from .trainer import Trainer
 
 log = logging.getLogger("tunedeck")
@@ -48,54 +48,29 @@ class LlavaTrainer(Trainer):
         r, lv = self.recipe, self.recipe.llava
         if not lv.visual_encoder:
             raise UserError("llava.visual_encoder: empty; give the CLIP vision model directory")
-        from transformers import CLIPVisionConfig
-
-        from .modeling import check_model_dir
-
-        check_model_dir(lv.visual_encoder)
-        vcfg = CLIPVisionConfig.from_pretrained(lv.visual_encoder)
-        self.n_image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
-        self.images = ImageProcessor(lv.visual_encoder, vcfg.image_size, lv.pad_image_to_square)
+        image_size, self.n_image_tokens = vision_shape(lv.visual_encoder)
+        self.images = ImageProcessor(lv.visual_encoder, image_size, lv.pad_image_to_square)
         for img in lv.evaluation_images:            # fail now, not at the first evaluation
             self.images.open(img)
         records = load_llava_records(r.data.data_path, lv.image_folder)
-        samples, truncated, dropped = [], 0, 0
-        cache: dict[str, tuple[list[int], list[int]]] = {}
-        for messages, image in records:
-            if r.data.system and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": r.data.system}, *messages]
-            key = json.dumps(messages, ensure_ascii=False)
-            if key not in cache:
-                cache[key] = encode_llava(self.tokenizer, self.template, messages, self.n_image_tokens)
-            ids, labels = cache[key]
-            if len(ids) > r.data.max_length:
-                truncated += 1
-                if image is not None and ids.index(-200) + self.n_image_tokens > r.data.max_length:
-                    raise DataError(f"data.max_length: {r.data.max_length} cuts into the image's "
-                                    f"{self.n_image_tokens} positions; raise it")
-                ids, labels = ids[:r.data.max_length], labels[:r.data.max_length]
-            if all(lab == IGNORE_INDEX for lab in labels[1:]):
-                dropped += 1
-                continue
-            samples.append(LlavaSample(ids, labels, image))
+        samples, tok = tokenize_llava(records, self.tokenizer, self.template, self.n_image_tokens,
+                                      r.data.max_length, r.data.system)
         if not samples:
             raise UserError(f"data.data_path: {r.data.data_path}: no sample has an assistant token left")
         self.rows = samples                  # one sample a row: images are not packed
         self._plan()
         n_img = sum(s.image is not None for s in samples)
         self.data_info = {
-            "records": len(records), "samples": len(samples), "truncated": truncated, "dropped": dropped,
-            "rows": len(samples), "tokens": self.n_train_tokens, "images": n_img, "text_only": len(samples) - n_img,
-            "length": {"max": max(s.n_tokens for s in samples), "min": min(s.n_tokens for s in samples)},
+            "records": len(records), "samples": len(samples), "truncated": tok.n_truncated,
+            "dropped": tok.n_dropped, "rows": len(samples), "tokens": self.n_train_tokens, "images": n_img,
+            "text_only": len(samples) - n_img, "length": tok.stats(),
             "template": self.template, "first_sample": self._describe(samples[0]),
         }
 
     def _describe(self, s: LlavaSample) -> str:
         from .data import render_masked
 
-        ids = [t for t in s.input_ids if t >= 0]
-        labels = [lab for t, lab in zip(s.input_ids, s.labels) if t >= 0]
-        text = render_masked(self.tokenizer, ids, labels)
+        text = render_masked(self.tokenizer, *text_part(s))
         return f"[image {s.image.name} → {self.n_image_tokens} positions] {text}" if s.image else text
 
     def _setup_model(self) -> None:

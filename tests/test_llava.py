@@ -274,3 +274,18 @@ async def test_tui_compares_pre_and_post_finetune_about_an_image(llava_ws):
         assert right.history[1]["content"].strip() == item["colour"]
         assert left.history[1]["content"].strip() != item["colour"]      # pre-finetune: a caption
         assert left.query_one(".side-title").render().plain.startswith("pre-finetune")
+
+
+def test_data_check_counts_images_and_their_positions(llava_ws, capsys):
+    old = os.getcwd()
+    os.chdir(llava_ws)
+    try:
+        capsys.readouterr()
+        assert run_cli("data", "check", "configs/llava_finetune.yaml", "--json") == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["records"] == 1820 and d["images"] == 1800 and d["length"]["max"] == 34   # 16 image positions
+        assert run_cli("data", "check", "configs/llava_finetune.yaml") == 0
+        out = capsys.readouterr().out
+        assert "records:   1820 (1800 with an image)" in out and "[image → 16 positions]" in out
+    finally:
+        os.chdir(old)
