@@ -3,9 +3,7 @@ data (images, grouped sampling), model (vision tower + projector + LLM) and eval
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,36 +164,10 @@ class LlavaTrainer(Trainer):
                                  "visual_encoder": self.recipe.llava.visual_encoder,
                                  "pretrained_pth": self.recipe.llava.pretrained_pth}
 
-    @torch.no_grad()
-    def evaluate(self) -> list[dict[str, Any]]:
-        from .checkpoint import rng_state, set_rng_state
-
-        if self.rank != 0:
-            return []
-        rng = rng_state()
-        model = self.ds_engine.module if self.ds_engine is not None else self.model
-        model = getattr(model, "module", model)
-        was_training = model.training
-        model.eval()
-        prompts = self.recipe.train.evaluation_inputs
+    def _eval_answer(self, model: Any, index: int, prompt: str) -> tuple[str, dict[str, Any]]:
+        """The answer about evaluation image ``index`` (the last one serves every later prompt)."""
         images = self.recipe.llava.evaluation_images
-        out = []
-        for i, prompt in enumerate(prompts):
-            image = images[min(i, len(images) - 1)] if images else None
-            with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
-                                enabled=self.precision.autocast_dtype is not None):
-                text = answer(model, self.tokenizer, self.images, self.template, prompt, image,
-                              system=self.recipe.data.system,
-                              max_new_tokens=self.recipe.train.evaluation_max_new_tokens)
-            rec = {"step": self.pos.step, "prompt": prompt, "answer": text, "image": image, "time": time.time()}
-            out.append(rec)
-            log.info("eval @%d  [%s] %s -> %s", self.pos.step, Path(image).name if image else "-", prompt, text)
-        with open(self.run.evals_path, "a", encoding="utf-8") as f:
-            for rec in out:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        if was_training:
-            model.train()
-        set_rng_state(rng)
-        return out
-
-
+        image = images[min(index, len(images) - 1)] if images else None
+        text = answer(model, self.tokenizer, self.images, self.template, prompt, image,
+                      system=self.recipe.data.system, max_new_tokens=self.recipe.train.evaluation_max_new_tokens)
+        return text, {"image": image}

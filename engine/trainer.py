@@ -588,20 +588,14 @@ class Trainer:
         was_training = model.training
         model.eval()
         out = []
-        stops = stop_token_ids(self.tokenizer, self.template)
-        for prompt in self.recipe.train.evaluation_inputs:
-            msgs = ([{"role": "system", "content": self.recipe.data.system}] if self.recipe.data.system else [])
-            msgs.append({"role": "user", "content": prompt})
-            ids = torch.tensor([encode_prompt(self.tokenizer, self.template, msgs)], device=self.device)
+        for i, prompt in enumerate(self.recipe.train.evaluation_inputs):
             with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
                                 enabled=self.precision.autocast_dtype is not None):
-                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=self.recipe.train.evaluation_max_new_tokens,
-                                     eos_token_id=stops, pad_token_id=self.pad_id, use_cache=True)
-            answer = self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
-            rec = {"step": self.pos.step, "prompt": prompt, "answer": answer, "time": time.time()}
+                answer, extra = self._eval_answer(model, i, prompt)
+            rec = {"step": self.pos.step, "prompt": prompt, "answer": answer, **extra, "time": time.time()}
             out.append(rec)
-            log.info("eval @%d  %s -> %s", self.pos.step, prompt, answer)
+            log.info("eval @%d  %s -> %s%s", self.pos.step, prompt, answer,
+                     "".join(f"  ({k}: {v})" for k, v in extra.items() if v))
         with open(self.run.evals_path, "a", encoding="utf-8") as f:
             for rec in out:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -609,6 +603,17 @@ class Trainer:
             model.train()
         set_rng_state(rng)
         return out
+
+    def _eval_answer(self, model: Any, index: int, prompt: str) -> tuple[str, dict[str, Any]]:
+        """One evaluation answer (greedy) and any fields its record carries besides the answer."""
+        msgs = ([{"role": "system", "content": self.recipe.data.system}] if self.recipe.data.system else [])
+        msgs.append({"role": "user", "content": prompt})
+        ids = torch.tensor([encode_prompt(self.tokenizer, self.template, msgs)], device=self.device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=self.recipe.train.evaluation_max_new_tokens,
+                             eos_token_id=stop_token_ids(self.tokenizer, self.template), pad_token_id=self.pad_id,
+                             use_cache=True)
+        return self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip(), {}
 
 
 def regroup(batches: list[dict[str, torch.Tensor]], rows: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
