@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import UserError
@@ -521,12 +522,22 @@ def cmd_chat(args) -> int:
                                bits=args.bits, trust_remote_code=args.trust_remote_code)
         session = ChatSession(loaded, params)
         source = f"{loaded.source} (template {loaded.template})"
-    if args.prompt is not None:
-        for piece in session.ask(args.prompt):
+    return _converse(args.prompt, f"chatting with {source}", session.ask, session.reset)
+
+
+def _converse(once: str | None, greeting: str, ask: Callable[[str], Iterable[str]],
+              reset: Callable[[], None]) -> int:
+    """Answer ``once`` and return, or chat at a >>> prompt until EXIT or end of input (RESET
+    clears the history); ``ask`` yields the answer's pieces as they come."""
+    def say(prompt: str) -> None:
+        for piece in ask(prompt):
             print(piece, end="", flush=True)
         print()
+
+    if once is not None:
+        say(once)
         return 0
-    print(f"chatting with {source}; EXIT quits, RESET clears history", file=sys.stderr)
+    print(f"{greeting}; EXIT quits, RESET clears history", file=sys.stderr)
     while True:
         try:
             prompt = input(">>> ")
@@ -536,14 +547,11 @@ def cmd_chat(args) -> int:
         if prompt.strip() == "EXIT":
             return 0
         if prompt.strip() == "RESET":
-            session.reset()
+            reset()
             print("(history cleared)")
             continue
-        if not prompt.strip():
-            continue
-        for piece in session.ask(prompt):
-            print(piece, end="", flush=True)
-        print()
+        if prompt.strip():
+            say(prompt)
 
 
 def _chat_llava(args, params) -> int:
@@ -570,25 +578,8 @@ def _chat_llava(args, params) -> int:
                                                        else q)}, {"role": "assistant", "content": reply}])
         return reply
 
-    if args.prompt is not None:
-        print(ask(args.prompt))
-        return 0
-    print(f"chatting about {args.image or 'no image'} with {args.llava}; EXIT quits, RESET clears history",
-          file=sys.stderr)
-    while True:
-        try:
-            prompt = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        if prompt.strip() == "EXIT":
-            return 0
-        if prompt.strip() == "RESET":
-            history.clear()
-            print("(history cleared)")
-            continue
-        if prompt.strip():
-            print(ask(prompt))
+    return _converse(args.prompt, f"chatting about {args.image or 'no image'} with {args.llava}",
+                     lambda q: [ask(q)], history.clear)
 
 
 def cmd_serve(args) -> int:
