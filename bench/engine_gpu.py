@@ -23,7 +23,8 @@ MODEL = Path("/tmp/internlm2_1_8b_shape")
 RECIPE = REPO / "configs/internlm2/internlm2_chat_1_8b_qlora_self_e2.yaml"
 
 
-def build_model() -> None:
+def build_model(extra_texts: list[str] | None = None) -> None:
+    """The random-init InternLM2-1.8B-shaped model and a tokenizer (trained on the spot) at MODEL."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -39,7 +40,7 @@ def build_model() -> None:
         m.save_pretrained(MODEL)
         del m
     if not (MODEL / "tokenizer.json").exists():
-        build_tokenizer(MODEL)
+        build_tokenizer(MODEL, extra_texts=extra_texts)
 
 
 def build_data(path: Path) -> None:

@@ -23,7 +23,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-LLM = Path("/tmp/internlm2_1_8b_shape")
+sys.path.insert(0, str(REPO / "bench"))
+from engine_gpu import MODEL as LLM  # noqa: E402  (the same InternLM2-1.8B-shaped stand-in)
+from engine_gpu import build_model as build_llm  # noqa: E402
+
 VIT = Path("/tmp/clip_vit_large_p14_336")
 WORK = Path("/tmp/llava_bench")
 WORDS = ("the a picture shows person doctor screen table window light blue green large small near far "
@@ -32,20 +35,9 @@ WORDS = ("the a picture shows person doctor screen table window light blue green
 
 def build_models() -> None:
     import torch
-    from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    from engine.tiny import build_tokenizer
-
-    if not (LLM / "config.json").exists():
-        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
-                          num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768, rope_theta=1e6,
-                          tie_word_embeddings=False, torch_dtype="bfloat16")
-        with torch.device("cuda"):
-            m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
-        m.save_pretrained(LLM)
-        del m
-    if not (LLM / "tokenizer.json").exists():
-        build_tokenizer(LLM, extra_texts=[" ".join(WORDS)])
+    build_llm(extra_texts=[" ".join(WORDS)])
     if not (VIT / "config.json").exists():
         vcfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                 image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
