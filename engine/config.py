@@ -46,6 +46,9 @@ class ModelSection(_Section):
     liger_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (the same math, less memory "
                             "traffic); auto = on a GPU when liger-kernel is installed and knows the model.")
+    fused_lora: Literal["auto", "on", "off"] = Field(
+        "auto", description="Each LoRA layer as one autograd function (4-bit dequantize, base and adapter matmuls, "
+                            "dropout) instead of peft's dozen small operations; the same math; auto = on a GPU.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
         "auto", description="Attention kernel; auto = flex_attention for packed rows on a GPU, else sdpa. "
                             "Packed samples stay isolated with all three.")
@@ -136,6 +139,12 @@ class TrainSection(_Section):
         description="Rows of an accumulation window run through the model together (the same gradient as one "
                     "micro-batch at a time, fewer and larger kernels); 0 = auto: the whole window on a GPU, halved "
                     "while it does not fit in memory; batch_size on the CPU.")
+
+    loss_chunk_tokens: int = Field(
+        0, ge=0, le=1_048_576,
+        description="The loss is taken from hidden states this many target tokens at a time (the fp32 "
+                    "logits of a chunk are vocabulary x chunk x 4 bytes); 0 = auto: 1024 on a GPU, the whole "
+                    "micro-batch's logits at once on the CPU.")
 
     @field_validator("betas")
     @classmethod

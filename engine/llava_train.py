@@ -140,9 +140,8 @@ class LlavaTrainer(Trainer):
         return out
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        model = self.ds_engine or self.model
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     pixel_values=batch.get("pixel_values"))
+        return self._runner()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              pixel_values=batch.get("pixel_values"))
 
     def _load_weights(self, ckpt: Path) -> None:
         from peft import set_peft_model_state_dict

@@ -77,6 +77,8 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.ds_engine: Any = None
+        self.ddp: Any = None                 # DistributedDataParallel around the step module (plain multi-rank)
+        self.loss_head: LossHead | None = None
         self.scaler: Any = None
         self.tb: Any = None
 
@@ -91,14 +93,15 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         # on a GPU the loss is taken from hidden states in chunks (no batch-sized fp32 logits)
-        self.chunked_loss = self.device.type == "cuda"
+        if self.device.type == "cuda" or r.train.loss_chunk_tokens:
+            self.loss_head = self._make_loss_head()
         self._setup_optimizer()
         self.pos = Position()
         if self.resume_from is not None:
             self._resume(self.resume_from)
         if self.ds_engine is None and self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.local_rank] if self.precision.device == "cuda" else None,
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.loss_head or self.model, device_ids=[self.local_rank] if self.precision.device == "cuda" else None,
                 find_unused_parameters=self.find_unused_parameters)
         if self.device.type == "cuda":   # peak memory of training, not of loading
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -197,7 +200,13 @@ class Trainer:
             torch.manual_seed(r.train.seed)   # LoRA init is seeded on its own
             model = attach_lora(model, r=r.lora.r, alpha=r.lora.alpha, dropout=r.lora.dropout,
                                 target_modules=r.lora.target_modules, bias=r.lora.bias, quantized=quantized,
-                                gradient_checkpointing=r.model.gradient_checkpointing)
+                                gradient_checkpointing=r.model.gradient_checkpointing,
+                                frozen_dtype=precision.weight_dtype)
+            fuse = r.model.fused_lora == "on" or (r.model.fused_lora == "auto" and precision.device == "cuda")
+            if fuse and not r.train.deepspeed.startswith("zero3"):   # ZeRO-3 gathers weights per module call
+                from .fused_lora import fuse_lora_layers
+
+                self.fused_lora = fuse_lora_layers(model)
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.trainable)
@@ -221,7 +230,7 @@ class Trainer:
 
             ds_cfg = self._deepspeed_config()
             self.ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.model, model_parameters=self.trainable, optimizer=opt,
+                model=self.loss_head or self.model, model_parameters=self.trainable, optimizer=opt,
                 lr_scheduler=self.scheduler, config=ds_cfg)
         elif self.precision.amp == "fp16":
             self.scaler = torch.amp.GradScaler("cuda")
@@ -229,9 +238,10 @@ class Trainer:
     def _deepspeed_config(self) -> dict:
         t = self.recipe.train
         cfg = json.loads(catalogue.deepspeed_config_path(t.deepspeed).read_text())
-        cfg["train_micro_batch_size_per_gpu"] = t.batch_size
-        cfg["gradient_accumulation_steps"] = t.accumulative_counts
-        cfg["train_batch_size"] = t.batch_size * t.accumulative_counts * self.world
+        rows = self._rows_per_forward(t.batch_size * t.accumulative_counts)
+        cfg["train_micro_batch_size_per_gpu"] = rows
+        cfg["gradient_accumulation_steps"] = math.ceil(t.batch_size * t.accumulative_counts / rows)
+        cfg["train_batch_size"] = rows * cfg["gradient_accumulation_steps"] * self.world
         cfg["gradient_clipping"] = t.max_norm
         # bf16: DeepSpeed keeps the fp32 LoRA weights and runs the forward under torch.autocast
         # (its torch_autocast section; its own bf16 mode would cast the 4-bit modules), with
@@ -316,31 +326,34 @@ class Trainer:
         return {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in b.items()}
 
     # ------------------------------------------------------------------ the loop
-    def _forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        model = self.ds_engine or self.model
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    def _runner(self) -> Any:
+        """What a micro-batch goes through: DeepSpeed's engine or DDP around the step module, else the
+        step module itself (the loss head when there is one, else the model)."""
+        return self.ds_engine or self.ddp or self.loss_head or self.model
 
-    def _chunked_parts(self) -> tuple[Any, Any] | None:
-        """(decoder, output head) when the loss can be computed from hidden states in chunks: one
-        process, no DeepSpeed, a model that exposes both (transformers-native causal LMs do)."""
-        if self.ds_engine is not None or self.world > 1 or not self.chunked_loss_ok:
+    def _forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self._runner()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+    def _make_loss_head(self) -> LossHead | None:
+        """The loss from hidden states in chunks, as one module, when the model exposes its decoder and
+        output head (transformers-native causal LMs do) and ZeRO-3 does not partition them."""
+        if not self.chunked_loss_ok or self.recipe.train.deepspeed.startswith("zero3"):
             return None
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         try:
             decoder, head = model.get_decoder(), model.get_output_embeddings()
         except (AttributeError, NotImplementedError):
             return None
-        return (decoder, head) if decoder is not None and head is not None else None
+        if decoder is None or head is None:
+            return None
+        return LossHead(self.model, decoder, head, self.recipe.train.loss_chunk_tokens or 1024)
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = self._chunked_parts() if self.chunked_loss else None
         with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
                             enabled=self.precision.autocast_dtype is not None):
-            if parts is not None:
-                decoder, head = parts
-                hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                 use_cache=False).last_hidden_state
-                return chunked_cross_entropy_sum(hidden[:, :-1], head, batch["labels"][:, 1:])
+            if self.loss_head is not None:
+                return self._runner()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                      labels=batch["labels"])
             out = self._forward(batch)
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
@@ -356,15 +369,21 @@ class Trainer:
 
     def _rows_per_forward(self, window_rows: int) -> int:
         t = self.recipe.train
-        if self.ds_engine is not None:          # DeepSpeed counts its micro-steps itself
-            return t.batch_size
         if t.rows_per_forward:
             return t.rows_per_forward
         if self.device.type != "cuda":
             return t.batch_size
         return self._auto_rows or window_rows
 
+    def _can_retry_smaller(self, rows: int) -> bool:
+        """After an out-of-memory error: may the window be redone with fewer rows per forward? Only
+        when the choice is automatic and this is one plain process (ranks would fall out of step, and
+        DeepSpeed fixes its micro-batch at start)."""
+        t = self.recipe.train
+        return not t.rows_per_forward and rows > t.batch_size and self.world == 1 and self.ds_engine is None
+
     _auto_rows = 0
+    fused_lora = 0                       # LoRA layers on the fused forward (engine/fused_lora.py)
 
     def _train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """One optimizer step over a window; returns (mean loss, grad norm, tokens seen)."""
@@ -376,8 +395,12 @@ class Trainer:
                                          else batches)
             except torch.cuda.OutOfMemoryError:
                 # auto: halve the rows per forward and redo the window from a clean slate
-                if self.recipe.train.rows_per_forward or k <= self.recipe.train.batch_size:
-                    raise
+                if not self._can_retry_smaller(k):
+                    if self.recipe.train.rows_per_forward or k <= self.recipe.train.batch_size:
+                        raise
+                    raise UserError(f"CUDA out of memory with {k} rows per forward on {self.world} rank(s); "
+                                    "set train.rows_per_forward lower (e.g. "
+                                    f"{max(self.recipe.train.batch_size, k // 2)})") from None
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 self._auto_rows = max(self.recipe.train.batch_size, k // 2)
@@ -389,18 +412,21 @@ class Trainer:
         scale = self.world / n_global          # DDP / DeepSpeed average gradients over ranks
         losses = []
         tokens = 0
-        for b in batches:
-            loss_sum = self._loss_sum(b)
-            losses.append(loss_sum.detach())
-            tokens += int(b["input_ids"].numel())
-            loss = loss_sum * scale
-            if self.ds_engine is not None:
-                self.ds_engine.backward(loss, scale_wrt_gas=False)
-                self.ds_engine.step()
-            elif self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+        for i, b in enumerate(batches):
+            # DDP: gradients are reduced once, after the window's last forward
+            sync = self.ddp.no_sync() if self.ddp is not None and i < len(batches) - 1 else contextlib.nullcontext()
+            with sync:
+                loss_sum = self._loss_sum(b)
+                losses.append(loss_sum.detach())
+                tokens += int(b["input_ids"].numel())
+                loss = loss_sum * scale
+                if self.ds_engine is not None:
+                    self.ds_engine.backward(loss, scale_wrt_gas=False)
+                    self.ds_engine.step()
+                elif self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
         t = self.recipe.train
         if self.ds_engine is not None:
             norm = self.ds_engine.get_global_grad_norm()
@@ -499,6 +525,7 @@ class Trainer:
                  f"{self.n_params:,}", f"{self.n_trainable:,}", 100 * self.n_trainable / max(1, self.n_params),
                  self.recipe.model.quantization, self.device, self.precision.amp,
                  (", Liger kernels" if getattr(self, "liger", False) else "")
+                 + (f", {self.fused_lora} fused LoRA layers" if self.fused_lora else "")
                  + (f", {self.attn} attention" if getattr(self, "attn", "auto") != "auto" else ""))
         log.info("plan: %d steps (%d per epoch x %s epochs), %d micro-batches of %d per step, %d rank(s)",
                  self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
@@ -545,8 +572,7 @@ class Trainer:
                 "lora": r.lora.enabled, "config_name": self.config_name, "step": self.pos.step}
 
     def save(self) -> Path | None:
-        model = self.ds_engine.module if self.ds_engine is not None else self.model
-        model = getattr(model, "module", model)   # unwrap DDP
+        model = self.model
         trainer_state = {"step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
                          "total_steps": self.total_steps, "time": time.time()}
         extra = None
@@ -583,8 +609,7 @@ class Trainer:
         if self.rank != 0:
             return []
         rng = rng_state()   # generation must not shift the training's random stream
-        model = self.ds_engine.module if self.ds_engine is not None else self.model
-        model = getattr(model, "module", model)
+        model = self.model
         was_training = model.training
         model.eval()
         out = []
@@ -636,6 +661,24 @@ def regroup(batches: list[dict[str, torch.Tensor]], rows: int, pad_id: int) -> l
                 chunk[k].append(v)
         out.append({k: torch.stack(v) for k, v in chunk.items()})
     return out
+
+
+class LossHead(torch.nn.Module):
+    """A causal LM's summed token loss as one module's forward: the decoder, then the output head and
+    the cross-entropy in checkpointed chunks (chunked_cross_entropy_sum). DDP and DeepSpeed wrap this
+    module, so the chunked loss and their gradient reduction go together."""
+
+    def __init__(self, model: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module,
+                 chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self._parts = (decoder, head)       # submodules of model: a tuple keeps them from registering twice
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        decoder, head = self._parts
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return chunked_cross_entropy_sum(hidden[:, :-1], head, labels[:, 1:], self.chunk_tokens)
 
 
 def _ce_chunk(hidden: torch.Tensor, head: Any, labels: torch.Tensor) -> torch.Tensor:

@@ -279,9 +279,12 @@ def test_chunked_loss_and_fused_micro_batches_give_the_same_step(workspace):
         os.chdir(old)
     batches = t._window(0, 0)
     assert len(batches) == 4
+    assert t.loss_head is None                  # the CPU default: logits of the whole micro-batch
+    head = t._make_loss_head()
+    assert head is not None
 
     def step(chunked: bool, rows: int) -> tuple[float, list[torch.Tensor]]:
-        t.chunked_loss = chunked
+        t.loss_head = head if chunked else None
         t.optimizer.zero_grad(set_to_none=True)
         from engine.trainer import regroup
 
@@ -295,7 +298,7 @@ def test_chunked_loss_and_fused_micro_batches_give_the_same_step(workspace):
         return total / n, [p.grad.clone() for p in t.trainable]
 
     plain_loss, plain_grads = step(False, recipe.train.batch_size)
-    assert t._chunked_parts() is not None
+    head.chunk_tokens = 5                       # several chunks, the last one partial
     for chunked, rows in ((True, recipe.train.batch_size), (False, 8), (True, 8), (True, 3)):
         loss, grads = step(chunked, rows)
         assert loss == pytest.approx(plain_loss, rel=1e-5), (chunked, rows)

@@ -1,0 +1,307 @@
+"""Training throughput of the seed's QLoRA recipe (issue #6), tunedeck beside the hand-written way,
+in one call on one GPU machine.
+
+    python bench/train_throughput.py --baseline PATH/hf_peft_baseline.py [--steps 50] [--gpus 2]
+
+What runs, each in its own process (clean GPU memory), on a random-init InternLM2-1.8B-shaped model
+(weights' values do not change a step's cost) and the seed's identity data:
+
+  baseline    ../shared/bench/hf_peft_baseline.py qlora 1024: the seed's recipe as people run it
+              (tokens/s and peak memory; the issue's reference point)
+  reference   the same hand-written transformers + peft + bitsandbytes code (model, prepare_model_for_
+              kbit_training, LoRA, no autocast), trained on tunedeck's rows in tunedeck's order, with
+              the recipe's optimizer, schedule, clipping and window-mean loss: the loss curve to match
+  tunedeck    `tunedeck train` with the recipe's default settings
+  low_memory  the same with `train.low_memory: true`
+  zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
+              global batch (and the loss curve) stays the recipe's
+
+Prints a table and writes bench/results/train_throughput_<gpu>.json (keys tokens_per_s and
+peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's curve).
+
+    python bench/train_throughput.py --explore VARIANTS.json     # levers one by one, in one process
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine_gpu import MODEL, RECIPE, REPO, build_data, build_model, run_baseline, summarize  # noqa: E402
+
+DATA = Path("/tmp/ft/data/personal_assistant.json")
+BASE_SETS = [f"model.path={MODEL}", "model.trust_remote_code=false", f"data.data_path={DATA}",
+             "save_steps=100000", "evaluation_inputs=[]"]
+
+
+def _recipe(extra: list[str]):
+    from engine.config import load_recipe
+
+    return load_recipe(str(RECIPE), BASE_SETS + list(extra))[1]
+
+
+# ---------------------------------------------------------------- the hand-written reference loop
+def reference_loop(steps: int, rows_per_forward: int, out: Path) -> None:
+    """The baseline script's model and LoRA set-up, trained the way its author would write a loop for
+    the recipe: same rows and order as tunedeck, AdamW, warm-up + cosine, clip 1.0, and the loss as
+    the token mean over the 16-row window (passed position_ids keep packed samples apart)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from engine.data import build_rows, collate, load_conversations, tokenize_conversations
+    from engine.modeling import load_tokenizer
+    from engine.templates import IGNORE_INDEX, resolve_template_name
+    from engine.trainer import warmup_cosine
+
+    r = _recipe([f"max_steps={steps}"])
+    torch.manual_seed(r.train.seed)
+    tok = load_tokenizer(str(MODEL))
+    template = resolve_template_name(r.data.prompt_template, tok)
+    convs = load_conversations(r.data.data_path, r.data.format)
+    samples = tokenize_conversations(convs, tok, template, r.data.max_length, 0)
+    rows = build_rows(samples, r.data.max_length, r.data.pack_to_max_length, r.train.seed)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(MODEL), dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4"))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(r.train.seed)
+    model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
+                                             bias="none", task_type="CAUSAL_LM", target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=r.train.lr, betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, r.train.warmup_ratio))
+    model.train()
+    acc = r.train.accumulative_counts
+    windows = []                                   # tunedeck's order: a seeded permutation per epoch,
+    epoch = 0                                      # cut into windows of 16 rows (the last may be short)
+    while len(windows) < steps:
+        g = torch.Generator().manual_seed(r.train.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(rows), generator=g).tolist()
+        windows += [order[s:s + acc] for s in range(0, len(order), acc)]
+        epoch += 1
+    curve, times = [], []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps):
+        window = [rows[i] for i in windows[step]]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = sum(sum(1 for y in row.labels[1:] if y != IGNORE_INDEX) for row in window)
+        total = 0.0
+        for s in range(0, len(window), rows_per_forward):
+            b = {k: torch.tensor(v, device="cuda")
+                 for k, v in collate(window[s:s + rows_per_forward], tok.pad_token_id).items()}
+            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                                                     reduction="sum")
+            (loss / n).backward()
+            total += float(loss)
+            del logits, loss
+        torch.nn.utils.clip_grad_norm_(params, r.train.max_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        curve.append(round(total / n, 6))
+        print(f"reference step {step + 1}: loss {curve[-1]:.4f} {times[-1]:.2f}s", flush=True)
+    tokens = [len(w) * r.data.max_length for w in windows[:steps]]
+    steady = list(range(3, steps)) or list(range(steps))
+    out.write_text(json.dumps({
+        "what": f"hand-written transformers + peft loop (baseline script's set-up, no autocast), "
+                f"{rows_per_forward} rows per forward",
+        "tokens_per_s": round(sum(tokens[i] for i in steady) / sum(times[i] for i in steady)),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss_curve": curve}))
+
+
+# ---------------------------------------------------------------- tunedeck runs
+def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "engine.cli", "train", str(RECIPE), "--work-dir", str(work)]
+    for kv in BASE_SETS + sets:
+        cmd += ["--set", kv]
+    if gpus > 1:
+        cmd += ["--gpus", str(gpus)]
+    if deepspeed:
+        cmd += ["--deepspeed", deepspeed]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    res = summarize(work, proc.returncode, time.time() - t0, proc.stdout + proc.stderr)
+    res["settings"] = (sets + ([f"--gpus {gpus}"] if gpus > 1 else [])
+                       + ([f"--deepspeed {deepspeed}"] if deepspeed else []))
+    return res
+
+
+# ---------------------------------------------------------------- levers, one by one, in one process
+def explore(variants: list[dict], out_dir: Path) -> list[dict]:
+    """One Trainer; each variant switches a lever in place and times a few steps (peak memory reset
+    per variant). Keys: name, steps, and any of rows (rows per forward), chunk (loss chunk tokens),
+    fused (bool), keep (decoder layers not checkpointed, from the top), profile (bool)."""
+    import torch
+
+    from engine.runs import RunDirectory
+    from engine.trainer import Trainer
+
+    t = Trainer(_recipe(["max_steps=1000"]), RunDirectory(Path("/tmp/ft/explore")))
+    t.setup()
+    layers = t.model.get_base_model().model.layers
+    fused = {m: m.__dict__["forward"] for m in t.model.modules() if "forward" in vars(m)}
+    results = []
+    window = 0
+    for v in variants:
+        for m, f in fused.items():
+            if v.get("fused", True):
+                m.forward = f
+            elif "forward" in vars(m):
+                del m.forward
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < len(layers) - v.get("keep", 0)
+        t._auto_rows = v.get("rows", 0)
+        t.loss_head.chunk_tokens = v.get("chunk", 1024)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        try:
+            for s in range(v.get("steps", 5) + 2 + bool(v.get("profile"))):
+                batches = t._window(0, window % t.steps_per_epoch)
+                window += 1
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if v.get("profile") and s == 2:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        t._train_step(batches)
+                        torch.cuda.synchronize()
+                    ka = prof.key_averages()
+                    (out_dir / f"profile_{v['name']}.txt").write_text(
+                        ka.table(sort_by="cuda_time_total", row_limit=40) + "\n"
+                        + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+                else:
+                    t._train_step(batches)
+                torch.cuda.synchronize()
+                if s >= 2 and not (v.get("profile") and s == 2):     # the profiled step is not timed
+                    times.append(time.perf_counter() - t0)
+            tokens = t.recipe.train.accumulative_counts * t.recipe.data.max_length
+            res = {**v, "tokens_per_s": round(tokens * len(times) / sum(times)),
+                   "step_s": round(sum(times) / len(times), 3),
+                   "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        except torch.cuda.OutOfMemoryError as e:
+            t.optimizer.zero_grad(set_to_none=True)
+            res = {**v, "error": f"OOM {str(e)[:120]}"}
+        print("explore", json.dumps(res), flush=True)
+        results.append(res)
+    return results
+
+
+# ---------------------------------------------------------------- main
+def curve_match(a: list[float], b: list[float]) -> dict:
+    n = min(len(a), len(b))
+    diffs = [abs(x - y) for x, y in zip(a[:n], b[:n])]
+    rel = [d / max(abs(y), 1e-9) for d, y in zip(diffs, b[:n])]
+    return {"steps": n, "max_abs_diff": round(max(diffs), 5), "max_rel_diff": round(max(rel), 4),
+            "mean_rel_diff": round(sum(rel) / n, 4),
+            "worst_step": 1 + rel.index(max(rel))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", help="path to hf_peft_baseline.py")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--low-memory-steps", type=int, default=20)
+    ap.add_argument("--reference-rows", type=int, default=16, help="rows per forward of the reference loop")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--only", default="baseline,reference,tunedeck,low_memory,zero2")
+    ap.add_argument("--explore", help="JSON list of lever variants to time in one process")
+    ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
+    args = ap.parse_args()
+    import torch
+
+    build_model()
+    build_data(DATA)
+    if args.reference_loop:
+        reference_loop(args.steps, args.reference_rows, Path(args.reference_loop))
+        return
+    gpu = torch.cuda.get_device_name(0)
+    slug = gpu.replace(" ", "_").replace("/", "_")
+    out_dirs = [REPO / "bench/results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    if args.explore:
+        res = explore(json.loads(Path(args.explore).read_text()), Path(os.environ.get("OUT", "/tmp/ft")))
+        for d in out_dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"train_levers_{slug}.json").write_text(json.dumps({"gpu": gpu, "variants": res}, indent=1) + "\n")
+        return
+    import bitsandbytes
+    import peft
+    import transformers
+
+    only = set(args.only.split(","))
+    result: dict = {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "recipe": "internlm2_chat_1_8b_qlora_self_e2: nf4 QLoRA r64/alpha16/dropout 0.1 on all linear "
+                              "layers, 1024-token packed rows, batch 1 x accumulative_counts 16, grad ckpt, "
+                              "random-init InternLM2-1.8B shape"}
+    runs: dict = {}
+    if "baseline" in only and args.baseline:
+        runs["baseline"] = run_baseline(args.baseline)
+        print("baseline", json.dumps(runs["baseline"]), flush=True)
+    if "tunedeck" in only:
+        runs["tunedeck"] = run_tunedeck(Path("/tmp/ft/tp_default"), [f"max_steps={args.steps}"])
+        print("tunedeck", json.dumps(runs["tunedeck"]), flush=True)
+    if "low_memory" in only:
+        runs["low_memory"] = run_tunedeck(Path("/tmp/ft/tp_lowmem"), [f"max_steps={args.low_memory_steps}",
+                                                                       "train.low_memory=true"])
+        print("low_memory", json.dumps(runs["low_memory"]), flush=True)
+    if "zero2" in only and args.gpus > 1:
+        acc = 16 // args.gpus
+        runs["zero2"] = run_tunedeck(Path("/tmp/ft/tp_zero2"), [f"max_steps={args.steps}",
+                                                                 f"accumulative_counts={acc}"],
+                                     gpus=args.gpus, deepspeed="zero2")
+        print("zero2", json.dumps(runs["zero2"]), flush=True)
+    if "reference" in only:
+        ref_out = Path("/tmp/ft/reference.json")
+        proc = subprocess.run([sys.executable, __file__, "--reference-loop", str(ref_out), "--steps",
+                               str(args.steps), "--reference-rows", str(args.reference_rows)],
+                              cwd=REPO, capture_output=True, text=True, timeout=900)
+        runs["reference"] = (json.loads(ref_out.read_text()) if proc.returncode == 0
+                             else {"error": (proc.stdout + proc.stderr)[-3000:]})
+        print("reference", json.dumps(runs["reference"]), flush=True)
+    result["runs"] = runs
+    base = runs.get("baseline", {})
+    td = runs.get("tunedeck", {})
+    if td.get("tokens_per_s"):
+        result["tokens_per_s"] = td["tokens_per_s"]
+        result["peak_mem_gib"] = td["peak_mem_gib"]
+    for name, r in runs.items():
+        if name != "baseline" and r.get("tokens_per_s") and base.get("tokens_per_s"):
+            r["ratio_tokens_per_s"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+    if runs.get("zero2", {}).get("tokens_per_s") and td.get("tokens_per_s"):
+        result["zero2_scaling"] = round(runs["zero2"]["tokens_per_s"] / td["tokens_per_s"], 2)
+    ref_curve = runs.get("reference", {}).get("loss_curve")
+    if ref_curve:
+        result["curve_vs_reference"] = {n: curve_match(r["loss_curve"], ref_curve) for n, r in runs.items()
+                                        if r.get("loss_curve") and n not in ("reference", "low_memory")}
+    print(f"\n{'run':<12}{'tokens/s':>10}{'peak GiB':>10}{'x baseline':>12}   ({gpu})")
+    for name, r in runs.items():
+        print(f"{name:<12}{r.get('tokens_per_s', '-'):>10}{r.get('peak_mem_gib', '-'):>10}"
+              f"{r.get('ratio_tokens_per_s', '-'):>12}")
+    text = json.dumps(result, ensure_ascii=False, indent=1)
+    for d in out_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"train_throughput_{slug}.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
