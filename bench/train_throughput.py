@@ -15,6 +15,7 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   low_memory  the same with `train.low_memory: true`
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
+  ddp         (--gpus 2) the same with plain PyTorch DDP
 
 Prints a table and writes bench/results/train_throughput_<gpu>.json (keys tokens_per_s and
 peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's curve).
@@ -222,7 +223,9 @@ def main() -> None:
     ap.add_argument("--low-memory-steps", type=int, default=20)
     ap.add_argument("--reference-rows", type=int, default=16, help="rows per forward of the reference loop")
     ap.add_argument("--gpus", type=int, default=1)
-    ap.add_argument("--only", default="baseline,reference,tunedeck,low_memory,zero2")
+    ap.add_argument("--multi-steps", type=int, default=30, help="steps of the multi-GPU runs")
+    ap.add_argument("--only", default="baseline,tunedeck,reference,low_memory,zero2,ddp",
+                    help="runs, in this order")
     ap.add_argument("--explore", help="JSON list of lever variants to time in one process")
     ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
     args = ap.parse_args()
@@ -246,57 +249,64 @@ def main() -> None:
     import peft
     import transformers
 
-    only = set(args.only.split(","))
+    only = args.only.split(",")
     result: dict = {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
                     "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
                     "date": time.strftime("%Y-%m-%d"),
                     "recipe": "internlm2_chat_1_8b_qlora_self_e2: nf4 QLoRA r64/alpha16/dropout 0.1 on all linear "
                               "layers, 1024-token packed rows, batch 1 x accumulative_counts 16, grad ckpt, "
-                              "random-init InternLM2-1.8B shape"}
-    runs: dict = {}
-    if "baseline" in only and args.baseline:
-        runs["baseline"] = run_baseline(args.baseline)
-        print("baseline", json.dumps(runs["baseline"]), flush=True)
-    if "tunedeck" in only:
-        runs["tunedeck"] = run_tunedeck(Path("/tmp/ft/tp_default"), [f"max_steps={args.steps}"])
-        print("tunedeck", json.dumps(runs["tunedeck"]), flush=True)
-    if "low_memory" in only:
-        runs["low_memory"] = run_tunedeck(Path("/tmp/ft/tp_lowmem"), [f"max_steps={args.low_memory_steps}",
-                                                                       "train.low_memory=true"])
-        print("low_memory", json.dumps(runs["low_memory"]), flush=True)
-    if "zero2" in only and args.gpus > 1:
-        acc = 16 // args.gpus
-        runs["zero2"] = run_tunedeck(Path("/tmp/ft/tp_zero2"), [f"max_steps={args.steps}",
-                                                                 f"accumulative_counts={acc}"],
-                                     gpus=args.gpus, deepspeed="zero2")
-        print("zero2", json.dumps(runs["zero2"]), flush=True)
-    if "reference" in only:
-        ref_out = Path("/tmp/ft/reference.json")
-        proc = subprocess.run([sys.executable, __file__, "--reference-loop", str(ref_out), "--steps",
-                               str(args.steps), "--reference-rows", str(args.reference_rows)],
-                              cwd=REPO, capture_output=True, text=True, timeout=900)
-        runs["reference"] = (json.loads(ref_out.read_text()) if proc.returncode == 0
-                             else {"error": (proc.stdout + proc.stderr)[-3000:]})
-        print("reference", json.dumps(runs["reference"]), flush=True)
-    result["runs"] = runs
-    base = runs.get("baseline", {})
-    td = runs.get("tunedeck", {})
+                              "random-init InternLM2-1.8B shape", "runs": {}}
+    runs: dict = result["runs"]
+    acc2 = str(16 // max(1, args.gpus))
+    plans = {  # name: (work dir, overrides, gpus, deepspeed)
+        "tunedeck": ("tp_default", [f"max_steps={args.steps}"], 1, None),
+        "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
+        "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),
+        "ddp": ("tp_ddp", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, None),
+    }
+    for name in only:
+        if name == "baseline" and args.baseline:
+            runs[name] = run_baseline(args.baseline)
+        elif name == "reference":
+            ref_out = Path("/tmp/ft/reference.json")
+            proc = subprocess.run([sys.executable, __file__, "--reference-loop", str(ref_out), "--steps",
+                                   str(args.steps), "--reference-rows", str(args.reference_rows)],
+                                  cwd=REPO, capture_output=True, text=True, timeout=900)
+            runs[name] = (json.loads(ref_out.read_text()) if proc.returncode == 0
+                          else {"error": (proc.stdout + proc.stderr)[-3000:]})
+        elif name in plans and (plans[name][2] > 1 or name in ("tunedeck", "low_memory")):
+            work, sets, gpus, ds = plans[name]
+            runs[name] = run_tunedeck(Path("/tmp/ft") / work, sets, gpus=gpus, deepspeed=ds)
+        else:
+            continue
+        print(name, json.dumps(runs[name]), flush=True)
+        _finish(result, out_dirs, slug)
+
+
+def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
+    """Ratios, curve comparisons, the table; written after every run so a cut-off call keeps what ran."""
+    runs = result["runs"]
+    base, td = runs.get("baseline", {}), runs.get("tunedeck", {})
     if td.get("tokens_per_s"):
-        result["tokens_per_s"] = td["tokens_per_s"]
-        result["peak_mem_gib"] = td["peak_mem_gib"]
+        result["tokens_per_s"], result["peak_mem_gib"] = td["tokens_per_s"], td["peak_mem_gib"]
     for name, r in runs.items():
         if name != "baseline" and r.get("tokens_per_s") and base.get("tokens_per_s"):
             r["ratio_tokens_per_s"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-    if runs.get("zero2", {}).get("tokens_per_s") and td.get("tokens_per_s"):
-        result["zero2_scaling"] = round(runs["zero2"]["tokens_per_s"] / td["tokens_per_s"], 2)
+    for name in ("zero2", "ddp"):
+        if runs.get(name, {}).get("tokens_per_s") and td.get("tokens_per_s"):
+            result[f"{name}_scaling_vs_one_gpu"] = round(runs[name]["tokens_per_s"] / td["tokens_per_s"], 2)
+            if td.get("loss_curve") and runs[name].get("loss_curve"):
+                result[f"{name}_curve_vs_one_gpu"] = curve_match(runs[name]["loss_curve"], td["loss_curve"])
     ref_curve = runs.get("reference", {}).get("loss_curve")
     if ref_curve:
         result["curve_vs_reference"] = {n: curve_match(r["loss_curve"], ref_curve) for n, r in runs.items()
-                                        if r.get("loss_curve") and n not in ("reference", "low_memory")}
-    print(f"\n{'run':<12}{'tokens/s':>10}{'peak GiB':>10}{'x baseline':>12}   ({gpu})")
+                                        if r.get("loss_curve") and n in ("tunedeck", "zero2", "ddp")}
+    lines = [f"{'run':<12}{'tokens/s':>10}{'peak GiB':>10}{'x baseline':>12}   ({result['gpu']})"]
     for name, r in runs.items():
-        print(f"{name:<12}{r.get('tokens_per_s', '-'):>10}{r.get('peak_mem_gib', '-'):>10}"
-              f"{r.get('ratio_tokens_per_s', '-'):>12}")
+        lines.append(f"{name:<12}{r.get('tokens_per_s', '-'):>10}{r.get('peak_mem_gib', '-'):>10}"
+                     f"{r.get('ratio_tokens_per_s', '-'):>12}")
+    result["table"] = lines
+    print("\n".join(lines), flush=True)
     text = json.dumps(result, ensure_ascii=False, indent=1)
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)

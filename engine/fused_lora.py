@@ -26,14 +26,24 @@ import torch
 
 
 def _dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight as a dense (out, in) tensor in ``dtype``."""
+    """The base layer's weight as a dense (out, in) tensor in ``dtype``. For 4-bit weights the block
+    scales of double quantization are dequantized once and kept (the weights are frozen): one kernel
+    per call instead of bitsandbytes' two Python-level dequantizations."""
     w = base.weight
     state = getattr(w, "quant_state", None)
-    if state is not None:
-        import bitsandbytes.functional as bnbf
+    if state is None:
+        return w.to(dtype)
+    absmax = getattr(w, "_tunedeck_absmax", None)
+    if absmax is None:
+        absmax = state.absmax
+        if state.nested:
+            import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(w.data, state).to(dtype)
-    return w.to(dtype)
+            absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+        w._tunedeck_absmax = absmax
+    out = torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, state.blocksize, state.quant_type,
+                                                         state.shape, state.dtype)
+    return out.to(dtype)
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -113,6 +113,7 @@ class LlavaTrainer(Trainer):
         elif finetune:
             log.warning("llava.pretrained_pth is empty: the finetune stage starts from a fresh projector")
         model.projector.to(self.device)
+        model.train()        # from_pretrained hands the LLM and the tower over in eval mode
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.trainable)

@@ -175,6 +175,9 @@ class Trainer:
         if quantized and r.train.deepspeed.startswith("zero3"):
             raise UserError(f"train.deepspeed: {r.train.deepspeed!r} partitions the base weights and cannot "
                             "hold bitsandbytes 4/8-bit ones; use zero2 or model.quantization: none")
+        if r.train.low_memory and r.train.deepspeed != "none":
+            raise UserError(f"train.low_memory: true with train.deepspeed {r.train.deepspeed!r}: DeepSpeed keeps its "
+                            "own optimizer; use deepspeed zero2_offload instead, or low_memory: false")
         if quantized and self.precision.device == "cpu" and r.model.quantization == "8bit":
             raise UserError("model.quantization: '8bit' has no CPU backend in bitsandbytes; use 4bit or none")
         full = not r.lora.enabled
@@ -207,16 +210,25 @@ class Trainer:
                 from .fused_lora import fuse_lora_layers
 
                 self.fused_lora = fuse_lora_layers(model)
+        model.train()        # from_pretrained hands it over in eval mode: no dropout, no checkpointing
+        self.device = torch.device(f"cuda:{self.local_rank}" if precision.device == "cuda" else "cpu")
+        if r.train.low_memory and precision.device == "cuda":
+            from .memory import embedding_on_cpu
+
+            embedding_on_cpu(model, self.device)
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.trainable)
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.device = torch.device(f"cuda:{self.local_rank}" if precision.device == "cuda" else "cpu")
 
     def _setup_optimizer(self) -> None:
         t = self.recipe.train
         kw = {"lr": t.lr, "betas": tuple(t.betas), "weight_decay": t.weight_decay}
-        if t.optim_type == "adamw":
+        if t.optim_type == "adamw" and t.low_memory and self.device.type == "cuda":
+            from .memory import OffloadedAdamW
+
+            opt = OffloadedAdamW(self.trainable, **kw)
+        elif t.optim_type == "adamw":
             opt = torch.optim.AdamW(self.trainable, **kw)
         else:
             import bitsandbytes as bnb
@@ -264,6 +276,8 @@ class Trainer:
                 raise UserError(f"{ckpt}: no DeepSpeed state in it; resume it without --deepspeed")
         else:
             self._load_weights(ckpt)
+            if hasattr(self.optimizer, "reload_params"):
+                self.optimizer.reload_params()
             self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
             self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
             if self.scaler is not None and (ckpt / "scaler.pt").exists():
@@ -346,7 +360,8 @@ class Trainer:
             return None
         if decoder is None or head is None:
             return None
-        return LossHead(self.model, decoder, head, self.recipe.train.loss_chunk_tokens or 1024)
+        t = self.recipe.train
+        return LossHead(self.model, decoder, head, t.loss_chunk_tokens or (128 if t.low_memory else 1024))
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
@@ -373,7 +388,7 @@ class Trainer:
             return t.rows_per_forward
         if self.device.type != "cuda":
             return t.batch_size
-        return self._auto_rows or window_rows
+        return self._auto_rows or (min(window_rows, max(4, t.batch_size)) if t.low_memory else window_rows)
 
     def _can_retry_smaller(self, rows: int) -> bool:
         """After an out-of-memory error: may the window be redone with fewer rows per forward? Only

@@ -1,0 +1,44 @@
+"""The low-memory preset's savers keep the computation: AdamW with CPU-held state steps like AdamW."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.memory import OffloadedAdamW
+
+
+def test_offloaded_adamw_steps_like_adamw_and_shares_its_state_dict():
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    kw = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1}
+    plain, offloaded = torch.optim.AdamW(a, **kw), OffloadedAdamW(b, **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(offloaded, lambda s: 1.0 / (1 + s))   # a scheduler drives it
+    sched_plain = torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1.0 / (1 + s))
+    for step in range(4):
+        grads = [torch.randn(t.shape, generator=g) for t in init]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        b[1].grad = None if step == 2 else b[1].grad       # a weight without a gradient is left alone
+        a[1].grad = None if step == 2 else a[1].grad
+        plain.step()
+        offloaded.step()
+        plain.zero_grad()
+        offloaded.zero_grad()
+        sched.step()
+        sched_plain.step()
+        assert all(q.grad is None for q in b)
+    for p, q in zip(a, b):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert not torch.equal(b[0], init[0])
+    # a checkpoint of one resumes the other
+    state = offloaded.state_dict()
+    again = torch.optim.AdamW([torch.nn.Parameter(t.clone()) for t in b], **kw)
+    again.load_state_dict(state)
+    assert torch.allclose(again.state_dict()["state"][0]["exp_avg"], plain.state_dict()["state"][0]["exp_avg"])
+    # weights loaded into the trained copies (resume) become the master copies
+    with torch.no_grad():
+        b[0].fill_(3.0)
+    offloaded.reload_params()
+    assert torch.equal(offloaded.masters[0], b[0].detach())
