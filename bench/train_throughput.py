@@ -50,10 +50,13 @@ def _recipe(extra: list[str]):
 
 
 # ---------------------------------------------------------------- the hand-written reference loop
-def reference_loop(steps: int, rows_per_forward: int, out: Path) -> None:
+def reference_loop(steps: int, rows_per_forward: int, out: Path, autocast: bool = False) -> None:
     """The baseline script's model and LoRA set-up, trained the way its author would write a loop for
     the recipe: same rows and order as tunedeck, AdamW, warm-up + cosine, clip 1.0, and the loss as
-    the token mean over the 16-row window (passed position_ids keep packed samples apart)."""
+    the token mean over the 16-row window (passed position_ids keep packed samples apart). As the
+    baseline script, it runs without autocast (LoRA, attention and the output head in fp32 where
+    prepare_model_for_kbit_training left fp32 weights); autocast=True runs the same loop under bf16
+    autocast, as tunedeck does, to show what bf16 alone does to the curve."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -103,7 +106,8 @@ def reference_loop(steps: int, rows_per_forward: int, out: Path) -> None:
         for s in range(0, len(window), rows_per_forward):
             b = {k: torch.tensor(v, device="cuda")
                  for k, v in collate(window[s:s + rows_per_forward], tok.pad_token_id).items()}
-            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].float()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
                                                      reduction="sum")
@@ -121,8 +125,8 @@ def reference_loop(steps: int, rows_per_forward: int, out: Path) -> None:
     tokens = [len(w) * r.data.max_length for w in windows[:steps]]
     steady = list(range(3, steps)) or list(range(steps))
     out.write_text(json.dumps({
-        "what": f"hand-written transformers + peft loop (baseline script's set-up, no autocast), "
-                f"{rows_per_forward} rows per forward",
+        "what": f"hand-written transformers + peft loop (baseline script's set-up, "
+                f"{'bf16 autocast' if autocast else 'no autocast'}), {rows_per_forward} rows per forward",
         "tokens_per_s": round(sum(tokens[i] for i in steady) / sum(times[i] for i in steady)),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss_curve": curve}))
 
@@ -228,13 +232,14 @@ def main() -> None:
                     help="runs, in this order")
     ap.add_argument("--explore", help="JSON list of lever variants to time in one process")
     ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
+    ap.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
 
     build_model()
     build_data(DATA)
     if args.reference_loop:
-        reference_loop(args.steps, args.reference_rows, Path(args.reference_loop))
+        reference_loop(args.steps, args.reference_rows, Path(args.reference_loop), args.autocast)
         return
     gpu = torch.cuda.get_device_name(0)
     slug = gpu.replace(" ", "_").replace("/", "_")
@@ -267,10 +272,11 @@ def main() -> None:
     for name in only:
         if name == "baseline" and args.baseline:
             runs[name] = run_baseline(args.baseline)
-        elif name == "reference":
-            ref_out = Path("/tmp/ft/reference.json")
+        elif name in ("reference", "reference_bf16"):
+            ref_out = Path(f"/tmp/ft/{name}.json")
             proc = subprocess.run([sys.executable, __file__, "--reference-loop", str(ref_out), "--steps",
-                                   str(args.steps), "--reference-rows", str(args.reference_rows)],
+                                   str(args.steps), "--reference-rows", str(args.reference_rows)]
+                                  + (["--autocast"] if name == "reference_bf16" else []),
                                   cwd=REPO, capture_output=True, text=True, timeout=900)
             runs[name] = (json.loads(ref_out.read_text()) if proc.returncode == 0
                           else {"error": (proc.stdout + proc.stderr)[-3000:]})
@@ -300,7 +306,11 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
     ref_curve = runs.get("reference", {}).get("loss_curve")
     if ref_curve:
         result["curve_vs_reference"] = {n: curve_match(r["loss_curve"], ref_curve) for n, r in runs.items()
-                                        if r.get("loss_curve") and n in ("tunedeck", "zero2", "ddp")}
+                                        if r.get("loss_curve") and n in ("tunedeck", "zero2", "ddp",
+                                                                          "reference_bf16")}
+    ref16 = runs.get("reference_bf16", {}).get("loss_curve")
+    if ref16 and td.get("loss_curve"):
+        result["curve_tunedeck_vs_reference_bf16"] = curve_match(td["loss_curve"], ref16)
     lines = [f"{'run':<12}{'tokens/s':>10}{'peak GiB':>10}{'x baseline':>12}   ({result['gpu']})"]
     for name, r in runs.items():
         lines.append(f"{name:<12}{r.get('tokens_per_s', '-'):>10}{r.get('peak_mem_gib', '-'):>10}"
