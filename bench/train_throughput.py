@@ -16,6 +16,8 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
   ddp         (--gpus 2) the same with plain PyTorch DDP
+  tunedeck_plain, reference_bf16 (ask with --only): tunedeck with peft's LoRA forward, no Liger, SDPA;
+              the reference loop under bf16 autocast -- to attribute curve differences
 
 Prints a table and writes bench/results/train_throughput_<gpu>.json (keys tokens_per_s and
 peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's curve).
@@ -233,7 +235,11 @@ def main() -> None:
     ap.add_argument("--explore", help="JSON list of lever variants to time in one process")
     ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
     ap.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[],
+                    help="recipe override for every run, the reference loop's too (e.g. lora.dropout=0 to compare "
+                         "curves without dropout's random masks)")
     args = ap.parse_args()
+    BASE_SETS.extend(args.set)
     import torch
 
     build_model()
@@ -255,8 +261,9 @@ def main() -> None:
     import transformers
 
     only = args.only.split(",")
-    result: dict = {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-                    "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+    result: dict = {"gpu": gpu, "overrides": args.set, "torch": torch.__version__,
+                    "transformers": transformers.__version__, "peft": peft.__version__,
+                    "bitsandbytes": bitsandbytes.__version__,
                     "date": time.strftime("%Y-%m-%d"),
                     "recipe": "internlm2_chat_1_8b_qlora_self_e2: nf4 QLoRA r64/alpha16/dropout 0.1 on all linear "
                               "layers, 1024-token packed rows, batch 1 x accumulative_counts 16, grad ckpt, "
@@ -265,6 +272,9 @@ def main() -> None:
     acc2 = str(16 // max(1, args.gpus))
     plans = {  # name: (work dir, overrides, gpus, deepspeed)
         "tunedeck": ("tp_default", [f"max_steps={args.steps}"], 1, None),
+        # the same loop with peft's LoRA forward, no Liger, SDPA: which lever moves the curve
+        "tunedeck_plain": ("tp_plain", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
+                                        "model.attn_implementation=sdpa"], 1, None),
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
         "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),
         "ddp": ("tp_ddp", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, None),
@@ -276,11 +286,12 @@ def main() -> None:
             ref_out = Path(f"/tmp/ft/{name}.json")
             proc = subprocess.run([sys.executable, __file__, "--reference-loop", str(ref_out), "--steps",
                                    str(args.steps), "--reference-rows", str(args.reference_rows)]
-                                  + (["--autocast"] if name == "reference_bf16" else []),
+                                  + (["--autocast"] if name == "reference_bf16" else [])
+                                  + [x for kv in args.set for x in ("--set", kv)],
                                   cwd=REPO, capture_output=True, text=True, timeout=900)
             runs[name] = (json.loads(ref_out.read_text()) if proc.returncode == 0
                           else {"error": (proc.stdout + proc.stderr)[-3000:]})
-        elif name in plans and (plans[name][2] > 1 or name in ("tunedeck", "low_memory")):
+        elif name in plans and (plans[name][2] > 1 or name in ("tunedeck", "tunedeck_plain", "low_memory")):
             work, sets, gpus, ds = plans[name]
             runs[name] = run_tunedeck(Path("/tmp/ft") / work, sets, gpus=gpus, deepspeed=ds)
         else:
@@ -306,8 +317,8 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
     ref_curve = runs.get("reference", {}).get("loss_curve")
     if ref_curve:
         result["curve_vs_reference"] = {n: curve_match(r["loss_curve"], ref_curve) for n, r in runs.items()
-                                        if r.get("loss_curve") and n in ("tunedeck", "zero2", "ddp",
-                                                                          "reference_bf16")}
+                                        if r.get("loss_curve") and n in ("tunedeck", "tunedeck_plain", "zero2",
+                                                                          "ddp", "reference_bf16")}
     ref16 = runs.get("reference_bf16", {}).get("loss_curve")
     if ref16 and td.get("loss_curve"):
         result["curve_tunedeck_vs_reference_bf16"] = curve_match(td["loss_curve"], ref16)

@@ -85,6 +85,9 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         r = self.recipe
+        if r.train.low_memory and r.train.deepspeed != "none":
+            raise UserError(f"train.low_memory: true with train.deepspeed {r.train.deepspeed!r}: DeepSpeed keeps its "
+                            "own optimizer; use deepspeed zero2_offload instead, or low_memory: false")
         self._setup_distributed()
         self._seed(r.train.seed)
         self.precision = pick_precision(r.train.mixed_precision, r.model.dtype)
@@ -175,9 +178,6 @@ class Trainer:
         if quantized and r.train.deepspeed.startswith("zero3"):
             raise UserError(f"train.deepspeed: {r.train.deepspeed!r} partitions the base weights and cannot "
                             "hold bitsandbytes 4/8-bit ones; use zero2 or model.quantization: none")
-        if r.train.low_memory and r.train.deepspeed != "none":
-            raise UserError(f"train.low_memory: true with train.deepspeed {r.train.deepspeed!r}: DeepSpeed keeps its "
-                            "own optimizer; use deepspeed zero2_offload instead, or low_memory: false")
         if quantized and self.precision.device == "cpu" and r.model.quantization == "8bit":
             raise UserError("model.quantization: '8bit' has no CPU backend in bitsandbytes; use 4bit or none")
         full = not r.lora.enabled

@@ -47,6 +47,13 @@ def test_quantized_full_finetune_is_refused_with_one_line(workspace, capsys):
     assert rc == 2 and "model.quantization: '4bit' needs lora.enabled: true" in err
 
 
+def test_low_memory_with_deepspeed_is_refused_with_one_line(workspace, capsys):
+    rc = run_cli("train", "demo.yaml", "--set", "train.low_memory=true", "--deepspeed", "zero2")
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.low_memory: true with train.deepspeed 'zero2'" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 @pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit"])
 def test_8bit_optimizers_train(workspace, optim):
     assert run_cli("train", "demo.yaml", "--work-dir", optim, "--set", f"optim_type={optim}", *QUICK) == 0
