@@ -52,13 +52,14 @@ def _recipe(extra: list[str]):
 
 
 # ---------------------------------------------------------------- the hand-written reference loop
-def reference_loop(steps: int, rows_per_forward: int, out: Path, autocast: bool = False) -> None:
+def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False, device: str = "cuda") -> dict:
     """The baseline script's model and LoRA set-up, trained the way its author would write a loop for
-    the recipe: same rows and order as tunedeck, AdamW, warm-up + cosine, clip 1.0, and the loss as
-    the token mean over the 16-row window (passed position_ids keep packed samples apart). As the
+    the recipe ``r``: same rows and order as tunedeck, AdamW, warm-up + cosine, clipping, and the loss
+    as the token mean over the window (passed position_ids keep packed samples apart). As the
     baseline script, it runs without autocast (LoRA, attention and the output head in fp32 where
     prepare_model_for_kbit_training left fp32 weights); autocast=True runs the same loop under bf16
-    autocast, as tunedeck does, to show what bf16 alone does to the curve."""
+    autocast, as tunedeck does, to show what bf16 alone does to the curve. On the CPU (tests) the
+    4-bit compute dtype is fp32."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -68,19 +69,25 @@ def reference_loop(steps: int, rows_per_forward: int, out: Path, autocast: bool 
     from engine.templates import IGNORE_INDEX, resolve_template_name
     from engine.trainer import warmup_cosine
 
-    r = _recipe([f"max_steps={steps}"])
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(r.train.seed)
-    tok = load_tokenizer(str(MODEL))
+    tok = load_tokenizer(r.model.path)
     template = resolve_template_name(r.data.prompt_template, tok)
     convs = load_conversations(r.data.data_path, r.data.format)
     samples = tokenize_conversations(convs, tok, template, r.data.max_length, 0)
     rows = build_rows(samples, r.data.max_length, r.data.pack_to_max_length, r.train.seed)
 
+    compute = torch.bfloat16 if cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        str(MODEL), dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0},
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4"))
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+        r.model.path, dtype=compute, attn_implementation="sdpa", device_map={"": 0 if cuda else "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
+                                               bnb_4bit_use_double_quant=r.model.double_quant,
+                                               bnb_4bit_quant_type=r.model.quant_type))
+    # the usual line of QLoRA scripts; it also matters here: with a KV cache object, transformers does not
+    # turn restarting position_ids into a per-sample mask, and packed samples would attend to each other
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.model.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(r.train.seed)
     model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
@@ -89,26 +96,27 @@ def reference_loop(steps: int, rows_per_forward: int, out: Path, autocast: bool 
     opt = torch.optim.AdamW(params, lr=r.train.lr, betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, r.train.warmup_ratio))
     model.train()
-    acc = r.train.accumulative_counts
+    acc = r.train.accumulative_counts * r.train.batch_size
     windows = []                                   # tunedeck's order: a seeded permutation per epoch,
-    epoch = 0                                      # cut into windows of 16 rows (the last may be short)
+    epoch = 0                                      # cut into windows (the last one may be short)
     while len(windows) < steps:
         g = torch.Generator().manual_seed(r.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(rows), generator=g).tolist()
+        order = torch.randperm(len(rows), generator=g).tolist() if r.data.shuffle else list(range(len(rows)))
         windows += [order[s:s + acc] for s in range(0, len(order), acc)]
         epoch += 1
     curve, times = [], []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(steps):
         window = [rows[i] for i in windows[step]]
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         n = sum(sum(1 for y in row.labels[1:] if y != IGNORE_INDEX) for row in window)
         total = 0.0
         for s in range(0, len(window), rows_per_forward):
-            b = {k: torch.tensor(v, device="cuda")
+            b = {k: torch.tensor(v, device=device)
                  for k, v in collate(window[s:s + rows_per_forward], tok.pad_token_id).items()}
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
@@ -116,21 +124,22 @@ def reference_loop(steps: int, rows_per_forward: int, out: Path, autocast: bool 
             (loss / n).backward()
             total += float(loss)
             del logits, loss
-        torch.nn.utils.clip_grad_norm_(params, r.train.max_norm)
+        torch.nn.utils.clip_grad_norm_(params, r.train.max_norm if r.train.max_norm > 0 else float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
         curve.append(round(total / n, 6))
         print(f"reference step {step + 1}: loss {curve[-1]:.4f} {times[-1]:.2f}s", flush=True)
     tokens = [len(w) * r.data.max_length for w in windows[:steps]]
     steady = list(range(3, steps)) or list(range(steps))
-    out.write_text(json.dumps({
+    return {
         "what": f"hand-written transformers + peft loop (baseline script's set-up, "
                 f"{'bf16 autocast' if autocast else 'no autocast'}), {rows_per_forward} rows per forward",
         "tokens_per_s": round(sum(tokens[i] for i in steady) / sum(times[i] for i in steady)),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss_curve": curve}))
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "loss_curve": curve}
 
 
 # ---------------------------------------------------------------- tunedeck runs
@@ -245,7 +254,8 @@ def main() -> None:
     build_model()
     build_data(DATA)
     if args.reference_loop:
-        reference_loop(args.steps, args.reference_rows, Path(args.reference_loop), args.autocast)
+        res = reference_loop(_recipe([f"max_steps={args.steps}"]), args.steps, args.reference_rows, args.autocast)
+        Path(args.reference_loop).write_text(json.dumps(res))
         return
     gpu = torch.cuda.get_device_name(0)
     slug = gpu.replace(" ", "_").replace("/", "_")
