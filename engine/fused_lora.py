@@ -27,23 +27,28 @@ import torch
 
 def _dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight as a dense (out, in) tensor in ``dtype``. For 4-bit weights the block
-    scales of double quantization are dequantized once and kept (the weights are frozen): one kernel
-    per call instead of bitsandbytes' two Python-level dequantizations."""
+    scales of double quantization are dequantized once, when the layer is fused, and kept (the weights
+    are frozen): one kernel per call instead of bitsandbytes' two Python-level dequantizations."""
     w = base.weight
     state = getattr(w, "quant_state", None)
     if state is None:
         return w.to(dtype)
     absmax = getattr(w, "_tunedeck_absmax", None)
     if absmax is None:
-        absmax = state.absmax
-        if state.nested:
-            import bitsandbytes.functional as bnbf
-
-            absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-        w._tunedeck_absmax = absmax
+        absmax = _block_scales(w)
     out = torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, state.blocksize, state.quant_type,
                                                          state.shape, state.dtype)
     return out.to(dtype)
+
+
+def _block_scales(w: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight's per-block scales in fp32 (double quantization undone)."""
+    state = w.quant_state
+    if not state.nested:
+        return state.absmax
+    import bitsandbytes.functional as bnbf
+
+    return (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -126,6 +131,8 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
                 continue
             if getattr(base.weight, "SCB", None) is not None or type(base).__name__ == "Linear8bitLt":
                 continue                                     # 8-bit weights: peft's path
+            if getattr(base.weight, "quant_state", None) is not None:
+                base.weight._tunedeck_absmax = _block_scales(base.weight)
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             n += 1
