@@ -163,7 +163,8 @@ def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | No
 def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     """One Trainer; each variant switches a lever in place and times a few steps (peak memory reset
     per variant). Keys: name, steps, and any of rows (rows per forward), chunk (loss chunk tokens),
-    fused (bool), keep (decoder layers not checkpointed, from the top), profile (bool)."""
+    fused (bool), keep (decoder layers not checkpointed, from the top), profile (bool), compile (bool:
+    torch.compile every decoder layer from this variant on)."""
     import torch
 
     from engine.runs import RunDirectory
@@ -175,7 +176,12 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     fused = {m: m.__dict__["forward"] for m in t.model.modules() if "forward" in vars(m)}
     results = []
     window = 0
+    compiled = False
     for v in variants:
+        if v.get("compile") and not compiled:       # torch.compile each decoder layer (stays on: list it last)
+            for layer in layers:
+                layer.compile()
+            compiled = True
         for m, f in fused.items():
             if v.get("fused", True):
                 m.forward = f
