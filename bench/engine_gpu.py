@@ -81,17 +81,21 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
     return res
 
 
-def run_tunedeck(work: Path, steps: int, deepspeed: str | None, data: Path, sets: list[str] = ()) -> dict:
-    cmd = [sys.executable, "-m", "engine.cli", "train", str(RECIPE), "--work-dir", str(work),
-           "--set", f"model.path={MODEL}", "--set", "model.trust_remote_code=false",
-           "--set", f"data.data_path={data}", "--set", f"max_steps={steps}", "--set", "save_steps=1000"]
+def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | None = None) -> dict:
+    """`tunedeck train` on the seed recipe with these --set overrides, summarized from its run directory."""
+    cmd = [sys.executable, "-m", "engine.cli", "train", str(RECIPE), "--work-dir", str(work)]
     for kv in sets:
         cmd += ["--set", kv]
+    if gpus > 1:
+        cmd += ["--gpus", str(gpus)]
     if deepspeed:
         cmd += ["--deepspeed", deepspeed]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    return summarize(work, proc.returncode, time.time() - t0, proc.stdout + proc.stderr)
+    res = summarize(work, proc.returncode, time.time() - t0, proc.stdout + proc.stderr)
+    res["settings"] = (list(sets) + ([f"--gpus {gpus}"] if gpus > 1 else [])
+                       + ([f"--deepspeed {deepspeed}"] if deepspeed else []))
+    return res
 
 
 def main() -> None:
@@ -129,7 +133,9 @@ def main() -> None:
     if args.collect:
         result["tunedeck"] = summarize(Path(args.collect))
     else:
-        result["tunedeck"] = run_tunedeck(Path(f"/tmp/ft/run_{name}"), args.steps, args.deepspeed, data, args.set)
+        sets = [f"model.path={MODEL}", "model.trust_remote_code=false", f"data.data_path={data}",
+                f"max_steps={args.steps}", "save_steps=1000", *args.set]
+        result["tunedeck"] = run_tunedeck(Path(f"/tmp/ft/run_{name}"), sets, deepspeed=args.deepspeed)
     b = result.get("baseline", {})
     if b.get("tokens_per_s") and result["tunedeck"].get("tokens_per_s"):
         result["ratio_tokens_per_s"] = round(result["tunedeck"]["tokens_per_s"] / b["tokens_per_s"], 3)

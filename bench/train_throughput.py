@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_gpu import MODEL, RECIPE, REPO, build_data, build_model, run_baseline, summarize  # noqa: E402
+from engine_gpu import MODEL, RECIPE, REPO, build_data, build_model, run_baseline, run_tunedeck  # noqa: E402
 
 DATA = Path("/tmp/ft/data/personal_assistant.json")
 BASE_SETS = [f"model.path={MODEL}", "model.trust_remote_code=false", f"data.data_path={DATA}",
@@ -140,23 +140,6 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
         "tokens_per_s": round(sum(tokens[i] for i in steady) / sum(times[i] for i in steady)),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "loss_curve": curve}
-
-
-# ---------------------------------------------------------------- tunedeck runs
-def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | None = None) -> dict:
-    cmd = [sys.executable, "-m", "engine.cli", "train", str(RECIPE), "--work-dir", str(work)]
-    for kv in BASE_SETS + sets:
-        cmd += ["--set", kv]
-    if gpus > 1:
-        cmd += ["--gpus", str(gpus)]
-    if deepspeed:
-        cmd += ["--deepspeed", deepspeed]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    res = summarize(work, proc.returncode, time.time() - t0, proc.stdout + proc.stderr)
-    res["settings"] = (sets + ([f"--gpus {gpus}"] if gpus > 1 else [])
-                       + ([f"--deepspeed {deepspeed}"] if deepspeed else []))
-    return res
 
 
 # ---------------------------------------------------------------- levers, one by one, in one process
@@ -309,7 +292,7 @@ def main() -> None:
                           else {"error": (proc.stdout + proc.stderr)[-3000:]})
         elif name in plans and (plans[name][2] > 1 or name in ("tunedeck", "tunedeck_plain", "low_memory")):
             work, sets, gpus, ds = plans[name]
-            runs[name] = run_tunedeck(Path("/tmp/ft") / work, sets, gpus=gpus, deepspeed=ds)
+            runs[name] = run_tunedeck(Path("/tmp/ft") / work, BASE_SETS + sets, gpus=gpus, deepspeed=ds)
         else:
             continue
         print(name, json.dumps(runs[name]), flush=True)

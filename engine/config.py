@@ -139,7 +139,6 @@ class TrainSection(_Section):
         description="Rows of an accumulation window run through the model together (the same gradient as one "
                     "micro-batch at a time, fewer and larger kernels); 0 = auto: the whole window on a GPU, halved "
                     "while it does not fit in memory; batch_size on the CPU.")
-
     low_memory: bool = Field(
         False, description="One switch for small GPUs, the same math: 4 rows per forward, the loss in 128-token "
                            "chunks, AdamW's fp32 weights and moments in CPU memory, the input embedding on the CPU "

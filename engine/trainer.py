@@ -390,13 +390,6 @@ class Trainer:
             return t.batch_size
         return self._auto_rows or (min(window_rows, max(4, t.batch_size)) if t.low_memory else window_rows)
 
-    def _can_retry_smaller(self, rows: int) -> bool:
-        """After an out-of-memory error: may the window be redone with fewer rows per forward? Only
-        when the choice is automatic and this is one plain process (ranks would fall out of step, and
-        DeepSpeed fixes its micro-batch at start)."""
-        t = self.recipe.train
-        return not t.rows_per_forward and rows > t.batch_size and self.world == 1 and self.ds_engine is None
-
     _auto_rows = 0
     fused_lora = 0                       # LoRA layers on the fused forward (engine/fused_lora.py)
 
@@ -410,9 +403,10 @@ class Trainer:
                                          else batches)
             except torch.cuda.OutOfMemoryError:
                 # auto: halve the rows per forward and redo the window from a clean slate
-                if not self._can_retry_smaller(k):
-                    if self.recipe.train.rows_per_forward or k <= self.recipe.train.batch_size:
-                        raise
+                if self.recipe.train.rows_per_forward or k <= self.recipe.train.batch_size:
+                    raise
+                if self.world > 1 or self.ds_engine is not None:
+                    # ranks would fall out of step, and DeepSpeed fixed its micro-batch at start
                     raise UserError(f"CUDA out of memory with {k} rows per forward on {self.world} rank(s); "
                                     "set train.rows_per_forward lower (e.g. "
                                     f"{max(self.recipe.train.batch_size, k // 2)})") from None
