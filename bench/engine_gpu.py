@@ -71,6 +71,7 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
         res.update(tokens_per_s=round(tok / sum(m["step_time_s"] for m in steady)),
                    median_step_s=round(statistics.median(m["step_time_s"] for m in steady), 3),
                    peak_mem_gib=round(max(m["gpu_mem_gib"] for m in metrics), 2),
+                   first_step_s=round(metrics[0]["step_time_s"], 1),     # compilation included
                    loss_first=metrics[0]["loss"], loss_last=metrics[-1]["loss"],
                    loss_curve=[m["loss"] for m in metrics])
     if returncode != 0:

@@ -16,8 +16,10 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
   ddp         (--gpus 2) the same with plain PyTorch DDP
-  tunedeck_plain, reference_bf16 (ask with --only): tunedeck with peft's LoRA forward, no Liger, SDPA;
-              the reference loop under bf16 autocast -- to attribute curve differences
+  tunedeck_eager, tunedeck_noliger, tunedeck_sdpa (ask with --only): tunedeck without torch.compile,
+              without Liger's kernels, with SDPA instead of FlexAttention -- one lever each
+  tunedeck_plain, reference_bf16 (ask with --only): tunedeck with peft's LoRA forward, no Liger, SDPA,
+              no compile; the reference loop under bf16 autocast -- to attribute curve differences
 
 Prints a table and writes bench/results/train_throughput_<gpu>.json (keys tokens_per_s and
 peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's curve).
@@ -231,6 +233,7 @@ def main() -> None:
     ap.add_argument("--only", default="baseline,tunedeck,reference,low_memory,zero2,ddp",
                     help="runs, in this order")
     ap.add_argument("--explore", help="JSON list of lever variants to time in one process")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
     ap.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[],
@@ -247,7 +250,7 @@ def main() -> None:
         Path(args.reference_loop).write_text(json.dumps(res))
         return
     gpu = torch.cuda.get_device_name(0)
-    slug = gpu.replace(" ", "_").replace("/", "_")
+    slug = gpu.replace(" ", "_").replace("/", "_") + (f"_{args.tag}" if args.tag else "")
     out_dirs = [REPO / "bench/results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     if args.explore:
         res = explore(json.loads(Path(args.explore).read_text()), Path(os.environ.get("OUT", "/tmp/ft")))
@@ -272,8 +275,12 @@ def main() -> None:
     plans = {  # name: (work dir, overrides, gpus, deepspeed)
         "tunedeck": ("tp_default", [f"max_steps={args.steps}"], 1, None),
         # the same loop with peft's LoRA forward, no Liger, SDPA: which lever moves the curve
+        # levers one by one, each in its own process
+        "tunedeck_eager": ("tp_eager", [f"max_steps={args.steps}", "model.compile=off"], 1, None),
+        "tunedeck_noliger": ("tp_noliger", [f"max_steps={args.steps}", "model.liger_kernels=off"], 1, None),
+        "tunedeck_sdpa": ("tp_sdpa", [f"max_steps={args.steps}", "model.attn_implementation=sdpa"], 1, None),
         "tunedeck_plain": ("tp_plain", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
-                                        "model.attn_implementation=sdpa"], 1, None),
+                                        "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
         "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),
         "ddp": ("tp_ddp", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, None),
@@ -290,7 +297,7 @@ def main() -> None:
                                   cwd=REPO, capture_output=True, text=True, timeout=900)
             runs[name] = (json.loads(ref_out.read_text()) if proc.returncode == 0
                           else {"error": (proc.stdout + proc.stderr)[-3000:]})
-        elif name in plans and (plans[name][2] > 1 or name in ("tunedeck", "tunedeck_plain", "low_memory")):
+        elif name in plans and (plans[name][2] > 1 or not name.startswith(("zero", "ddp"))):
             work, sets, gpus, ds = plans[name]
             runs[name] = run_tunedeck(Path("/tmp/ft") / work, BASE_SETS + sets, gpus=gpus, deepspeed=ds)
         else:

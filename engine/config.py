@@ -49,6 +49,10 @@ class ModelSection(_Section):
     fused_lora: Literal["auto", "on", "off"] = Field(
         "auto", description="Each LoRA layer as one autograd function (4-bit dequantize, base and adapter matmuls, "
                             "dropout) instead of peft's dozen small operations; the same math; auto = on a GPU.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile each decoder layer of a text model for training (fused kernels, far "
+                            "less Python per step; the first step waits about a minute for the compiler); "
+                            "auto = on a GPU.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
         "auto", description="Attention kernel; auto = flex_attention for packed rows on a GPU, else sdpa. "
                             "Packed samples stay isolated with all three.")

@@ -74,11 +74,11 @@ LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_k
                  "mistral": "apply_liger_kernel_to_mistral", "qwen3": "apply_liger_kernel_to_qwen3"}
 
 
-def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: bool) -> bool:
+def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: bool, compiled: bool = False) -> bool:
     """Patch transformers' model classes with Liger's RMSNorm / RoPE / SwiGLU kernels before loading;
     True when applied. The loss stays ours (chunked), so Liger's cross-entropy is left off."""
-    if mode == "off" or (mode == "auto" and precision.device != "cuda"):
-        return False
+    if mode == "off" or (mode == "auto" and (precision.device != "cuda" or compiled)):
+        return False    # compiled layers: the compiler fuses these itself (Liger's kernels would split its graph)
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
@@ -99,6 +99,30 @@ def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: b
     getattr(lk, LIGER_PATCHES[model_type])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                            fused_linear_cross_entropy=False)
     return True
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """torch.compile every decoder layer in place (the module, its parameters' names and the checkpoints
+    stay as they are); returns the layers. They share one compiled graph: their parameters are the
+    graph's inputs. A layer whose compilation fails runs eagerly (dynamo's suppress_errors)."""
+    import torch._dynamo
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in kinds]
+    if layers:
+        torch._dynamo.config.suppress_errors = True
+        # one recompilation per new row count (a short last window, an OOM retry) before shapes go dynamic
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    for layer in layers:
+        layer.compile(dynamic=True)    # row counts and lengths vary: symbolic sizes from the first step
+    return layers
+
+
+def uncompile(layers: list[torch.nn.Module]) -> None:
+    """Undo Module.compile: the layers run eagerly again."""
+    for layer in layers:
+        layer._compiled_call_impl = None
 
 
 def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4", double_quant: bool = True,

@@ -185,7 +185,9 @@ class Trainer:
         if full:  # master weights in fp32, compute under autocast
             precision = Precision(precision.device, precision.amp, torch.float32)
         device_map = ({"": self.local_rank} if precision.device == "cuda" else {"": "cpu"})
-        self.liger = apply_liger(r.model.path, r.model.liger_kernels, precision, r.model.trust_remote_code)
+        compile_layers = r.model.compile == "on" or (r.model.compile == "auto" and precision.device == "cuda")
+        self.liger = apply_liger(r.model.path, r.model.liger_kernels, precision, r.model.trust_remote_code,
+                                 compiled=compile_layers)
         attn = r.model.attn_implementation
         if (attn == "auto" and precision.device == "cuda" and r.data.pack_to_max_length
                 and not r.model.trust_remote_code and importlib.util.find_spec("torch.nn.attention.flex_attention")):
@@ -210,6 +212,10 @@ class Trainer:
                 from .fused_lora import fuse_lora_layers
 
                 self.fused_lora = fuse_lora_layers(model)
+        if compile_layers:
+            from .modeling import compile_decoder_layers
+
+            self.compiled_layers = compile_decoder_layers(model)
         model.train()        # from_pretrained hands it over in eval mode: no dropout, no checkpointing
         self.device = torch.device(f"cuda:{self.local_rank}" if precision.device == "cuda" else "cpu")
         if r.train.low_memory and precision.device == "cuda":
@@ -391,7 +397,9 @@ class Trainer:
         return self._auto_rows or (min(window_rows, max(4, t.batch_size)) if t.low_memory else window_rows)
 
     _auto_rows = 0
+    _first_step = 0
     fused_lora = 0                       # LoRA layers on the fused forward (engine/fused_lora.py)
+    compiled_layers: list = []           # decoder layers under torch.compile (model.compile)
 
     def _train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """One optimizer step over a window; returns (mean loss, grad norm, tokens seen)."""
@@ -414,6 +422,19 @@ class Trainer:
                 torch.cuda.empty_cache()
                 self._auto_rows = max(self.recipe.train.batch_size, k // 2)
                 log.info("rows per forward: %d did not fit in GPU memory, trying %d", k, self._auto_rows)
+            except Exception as e:
+                # the compiled layers failed where eager ones would not (dynamo falls back by itself only
+                # while compiling): on the first step of a single process, run eagerly instead
+                if (not self.compiled_layers or self.pos.step != self._first_step or self.world > 1
+                        or self.ds_engine is not None):
+                    raise
+                from .modeling import uncompile
+
+                log.warning("model.compile: the compiled layers failed (%s); running them eagerly",
+                            str(e).splitlines()[0][:200])
+                uncompile(self.compiled_layers)
+                self.compiled_layers = []
+                self.optimizer.zero_grad(set_to_none=True)
 
     def _window_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -468,6 +489,7 @@ class Trainer:
         if r.train.evaluation_inputs and not self.resume_from:
             self.evaluate()
         step_times: list[float] = []
+        self._first_step = self.pos.step
         state = "finished"
         saved_at = self.pos.step if self.resume_from else -1
         acc = r.train.accumulative_counts
@@ -535,6 +557,7 @@ class Trainer:
                  self.recipe.model.quantization, self.device, self.precision.amp,
                  (", Liger kernels" if getattr(self, "liger", False) else "")
                  + (f", {self.fused_lora} fused LoRA layers" if self.fused_lora else "")
+                 + (f", {len(self.compiled_layers)} compiled decoder layers" if self.compiled_layers else "")
                  + (f", {self.attn} attention" if getattr(self, "attn", "auto") != "auto" else ""))
         log.info("plan: %d steps (%d per epoch x %s epochs), %d micro-batches of %d per step, %d rank(s)",
                  self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
@@ -623,8 +646,10 @@ class Trainer:
         model.eval()
         out = []
         for i, prompt in enumerate(self.recipe.train.evaluation_inputs):
-            with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
-                                enabled=self.precision.autocast_dtype is not None):
+            # generation runs the layers eagerly: token-by-token shapes would only make the compiler recompile
+            eager = torch.compiler.set_stance("force_eager") if self.compiled_layers else contextlib.nullcontext()
+            with eager, torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
+                                       enabled=self.precision.autocast_dtype is not None):
                 answer, extra = self._eval_answer(model, i, prompt)
             rec = {"step": self.pos.step, "prompt": prompt, "answer": answer, **extra, "time": time.time()}
             out.append(rec)
