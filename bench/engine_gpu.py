@@ -73,7 +73,7 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
                    peak_mem_gib=round(max(m["gpu_mem_gib"] for m in metrics), 2),
                    first_step_s=round(metrics[0]["step_time_s"], 1),     # compilation included
                    loss_first=metrics[0]["loss"], loss_last=metrics[-1]["loss"],
-                   loss_curve=[m["loss"] for m in metrics])
+                   loss_curve=[m["loss"] for m in metrics], grad_norm_curve=[m.get("grad_norm") for m in metrics])
     if returncode != 0:
         res["log_tail"] = log[-3000:]
     evals = work / "evals.jsonl"

@@ -18,8 +18,9 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   ddp         (--gpus 2) the same with plain PyTorch DDP
   tunedeck_eager, tunedeck_noliger, tunedeck_sdpa (ask with --only): tunedeck without torch.compile,
               without Liger's kernels, with SDPA instead of FlexAttention -- one lever each
-  tunedeck_plain, reference_bf16 (ask with --only): tunedeck with peft's LoRA forward, no Liger, SDPA,
-              no compile; the reference loop under bf16 autocast -- to attribute curve differences
+  tunedeck_plain, reference_bf16, reference_reseeded (ask with --only): tunedeck with peft's LoRA
+              forward, no Liger, SDPA, no compile; the reference loop under bf16 autocast; the reference
+              loop with other dropout masks -- to attribute curve differences
 
 Prints a table and writes bench/results/train_throughput_<gpu>.json (keys tokens_per_s and
 peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's curve).
@@ -30,6 +31,7 @@ peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -54,14 +56,16 @@ def _recipe(extra: list[str]):
 
 
 # ---------------------------------------------------------------- the hand-written reference loop
-def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False, device: str = "cuda") -> dict:
+def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False, device: str = "cuda",
+                   dropout_seed: int | None = None) -> dict:
     """The baseline script's model and LoRA set-up, trained the way its author would write a loop for
     the recipe ``r``: same rows and order as tunedeck, AdamW, warm-up + cosine, clipping, and the loss
     as the token mean over the window (passed position_ids keep packed samples apart). As the
     baseline script, it runs without autocast (LoRA, attention and the output head in fp32 where
     prepare_model_for_kbit_training left fp32 weights); autocast=True runs the same loop under bf16
-    autocast, as tunedeck does, to show what bf16 alone does to the curve. On the CPU (tests) the
-    4-bit compute dtype is fp32."""
+    autocast, as tunedeck does, to show what bf16 alone does to the curve. dropout_seed reseeds the
+    random stream after the LoRA init: the same run with other dropout masks, to show what they alone
+    do. On the CPU (tests) the 4-bit compute dtype is fp32."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -80,7 +84,7 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
     samples = tokenize_conversations(convs, tok, template, r.data.max_length, 0)
     rows = build_rows(samples, r.data.max_length, r.data.pack_to_max_length, r.train.seed)
 
-    compute = torch.bfloat16 if cuda else torch.float32
+    compute = torch.bfloat16 if cuda or autocast else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         r.model.path, dtype=compute, attn_implementation="sdpa", device_map={"": 0 if cuda else "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
@@ -98,6 +102,8 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
     opt = torch.optim.AdamW(params, lr=r.train.lr, betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, r.train.warmup_ratio))
     model.train()
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
     acc = r.train.accumulative_counts * r.train.batch_size
     windows = []                                   # tunedeck's order: a seeded permutation per epoch,
     epoch = 0                                      # cut into windows (the last one may be short)
@@ -106,7 +112,7 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
         order = torch.randperm(len(rows), generator=g).tolist() if r.data.shuffle else list(range(len(rows)))
         windows += [order[s:s + acc] for s in range(0, len(order), acc)]
         epoch += 1
-    curve, times = [], []
+    curve, times, norms = [], [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for step in range(steps):
@@ -126,7 +132,8 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
             (loss / n).backward()
             total += float(loss)
             del logits, loss
-        torch.nn.utils.clip_grad_norm_(params, r.train.max_norm if r.train.max_norm > 0 else float("inf"))
+        norms.append(round(float(torch.nn.utils.clip_grad_norm_(
+            params, r.train.max_norm if r.train.max_norm > 0 else float("inf"))), 6))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -138,10 +145,11 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
     steady = list(range(3, steps)) or list(range(steps))
     return {
         "what": f"hand-written transformers + peft loop (baseline script's set-up, "
-                f"{'bf16 autocast' if autocast else 'no autocast'}), {rows_per_forward} rows per forward",
+                f"{'bf16 autocast' if autocast else 'no autocast'}), {rows_per_forward} rows per forward"
+                + (f", dropout reseeded with {dropout_seed}" if dropout_seed is not None else ""),
         "tokens_per_s": round(sum(tokens[i] for i in steady) / sum(times[i] for i in steady)),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "loss_curve": curve}
+        "loss_curve": curve, "grad_norm_curve": norms}
 
 
 # ---------------------------------------------------------------- levers, one by one, in one process
@@ -149,7 +157,10 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     """One Trainer; each variant switches a lever in place and times a few steps (peak memory reset
     per variant). Keys: name, steps, and any of rows (rows per forward), chunk (loss chunk tokens),
     fused (bool), keep (decoder layers not checkpointed, from the top), profile (bool), compile (bool:
-    torch.compile every decoder layer from this variant on)."""
+    torch.compile every decoder layer from this variant on, when the trainer has not), ckpt_inside (bool:
+    from this variant on, each layer's checkpoint inside its compiled graph instead of around it -- the
+    recompute compiled too, no saved-tensor hooks in Python; rng: true also sets functionalize_rng_ops
+    so dropout may be recomputed rather than its mask kept)."""
     import torch
 
     from engine.runs import RunDirectory
@@ -161,19 +172,32 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     fused = {m: m.__dict__["forward"] for m in t.model.modules() if "forward" in vars(m)}
     results = []
     window = 0
-    compiled = False
+    compiled = bool(t.compiled_layers)
+    ckpt_inside = False
     for v in variants:
         if v.get("compile") and not compiled:       # torch.compile each decoder layer (stays on: list it last)
             for layer in layers:
-                layer.compile()
+                layer.compile(dynamic=True)
             compiled = True
+        if v.get("ckpt_inside") and not ckpt_inside:  # stays on too
+            from torch.utils.checkpoint import checkpoint
+
+            if v.get("rng"):
+                import torch._functorch.config
+
+                torch._functorch.config.functionalize_rng_ops = True
+            for layer in layers:
+                layer._compiled_call_impl = None
+                layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+                layer.compile(dynamic=True)
+            ckpt_inside = compiled = True
         for m, f in fused.items():
             if v.get("fused", True):
                 m.forward = f
             elif "forward" in vars(m):
                 del m.forward
-        for i, layer in enumerate(layers):
-            layer.gradient_checkpointing = i < len(layers) - v.get("keep", 0)
+        for i, layer in enumerate(layers):      # (transformers' checkpoint around the layer)
+            layer.gradient_checkpointing = not ckpt_inside and i < len(layers) - v.get("keep", 0)
         t._auto_rows = v.get("rows", 0)
         t.loss_head.chunk_tokens = v.get("chunk", 1024)
         torch.cuda.empty_cache()
@@ -229,24 +253,28 @@ def main() -> None:
     ap.add_argument("--low-memory-steps", type=int, default=20)
     ap.add_argument("--reference-rows", type=int, default=16, help="rows per forward of the reference loop")
     ap.add_argument("--gpus", type=int, default=1)
-    ap.add_argument("--multi-steps", type=int, default=30, help="steps of the multi-GPU runs")
+    ap.add_argument("--multi-steps", type=int, help="steps of the multi-GPU runs (default: --steps; their curves "
+                                                    "are compared with one GPU's only at the same step count)")
     ap.add_argument("--only", default="baseline,tunedeck,reference,low_memory,zero2,ddp",
                     help="runs, in this order")
     ap.add_argument("--explore", help="JSON list of lever variants to time in one process")
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
     ap.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dropout-seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[],
                     help="recipe override for every run, the reference loop's too (e.g. lora.dropout=0 to compare "
                          "curves without dropout's random masks)")
     args = ap.parse_args()
+    args.multi_steps = args.multi_steps or args.steps
     BASE_SETS.extend(args.set)
     import torch
 
     build_model()
     build_data(DATA)
     if args.reference_loop:
-        res = reference_loop(_recipe([f"max_steps={args.steps}"]), args.steps, args.reference_rows, args.autocast)
+        res = reference_loop(_recipe([f"max_steps={args.steps}"]), args.steps, args.reference_rows, args.autocast,
+                             dropout_seed=args.dropout_seed)
         Path(args.reference_loop).write_text(json.dumps(res))
         return
     gpu = torch.cuda.get_device_name(0)
@@ -288,11 +316,12 @@ def main() -> None:
     for name in only:
         if name == "baseline" and args.baseline:
             runs[name] = run_baseline(args.baseline)
-        elif name in ("reference", "reference_bf16"):
+        elif name in ("reference", "reference_bf16", "reference_reseeded"):
             ref_out = Path(f"/tmp/ft/{name}.json")
             proc = subprocess.run([sys.executable, __file__, "--reference-loop", str(ref_out), "--steps",
                                    str(args.steps), "--reference-rows", str(args.reference_rows)]
                                   + (["--autocast"] if name == "reference_bf16" else [])
+                                  + (["--dropout-seed", "12345"] if name == "reference_reseeded" else [])
                                   + [x for kv in args.set for x in ("--set", kv)],
                                   cwd=REPO, capture_output=True, text=True, timeout=900)
             runs[name] = (json.loads(ref_out.read_text()) if proc.returncode == 0
@@ -315,19 +344,21 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
     for name, r in runs.items():
         if name != "baseline" and r.get("tokens_per_s") and base.get("tokens_per_s"):
             r["ratio_tokens_per_s"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+    def same_length(a: dict, b: dict) -> bool:   # a different step count is a different lr schedule
+        return bool(a.get("loss_curve")) and len(a["loss_curve"]) == len(b.get("loss_curve") or ())
+
     for name in ("zero2", "ddp"):
         if runs.get(name, {}).get("tokens_per_s") and td.get("tokens_per_s"):
             result[f"{name}_scaling_vs_one_gpu"] = round(runs[name]["tokens_per_s"] / td["tokens_per_s"], 2)
-            if td.get("loss_curve") and runs[name].get("loss_curve"):
+            if same_length(runs[name], td):
                 result[f"{name}_curve_vs_one_gpu"] = curve_match(runs[name]["loss_curve"], td["loss_curve"])
-    ref_curve = runs.get("reference", {}).get("loss_curve")
-    if ref_curve:
-        result["curve_vs_reference"] = {n: curve_match(r["loss_curve"], ref_curve) for n, r in runs.items()
-                                        if r.get("loss_curve") and n in ("tunedeck", "tunedeck_plain", "zero2",
-                                                                          "ddp", "reference_bf16")}
-    ref16 = runs.get("reference_bf16", {}).get("loss_curve")
-    if ref16 and td.get("loss_curve"):
-        result["curve_tunedeck_vs_reference_bf16"] = curve_match(td["loss_curve"], ref16)
+    ref = runs.get("reference", {})
+    if ref.get("loss_curve"):
+        result["curve_vs_reference"] = {n: curve_match(r["loss_curve"], ref["loss_curve"]) for n, r in runs.items()
+                                        if same_length(r, ref) and n != "reference" and n != "baseline"}
+    ref16 = runs.get("reference_bf16", {})
+    if same_length(td, ref16):
+        result["curve_tunedeck_vs_reference_bf16"] = curve_match(td["loss_curve"], ref16["loss_curve"])
     lines = [f"{'run':<12}{'tokens/s':>10}{'peak GiB':>10}{'x baseline':>12}   ({result['gpu']})"]
     for name, r in runs.items():
         lines.append(f"{name:<12}{r.get('tokens_per_s', '-'):>10}{r.get('peak_mem_gib', '-'):>10}"

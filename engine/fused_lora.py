@@ -56,10 +56,12 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
                 scale: float, p: float, dtype: torch.dtype, training: bool) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        x1 = x.reshape(-1, shape[-1])
+        x2 = x1.to(dtype)
         y = torch.nn.functional.linear(x2, _dense_weight(base, dtype), None)
-        if p > 0 and training:
-            xd, mask = torch.ops.aten.native_dropout(x2, p, True)
+        if p > 0 and training:       # on the input as it came, as peft does (one rounding, the same masks)
+            xd, mask = torch.ops.aten.native_dropout(x1, p, True)
+            xd = xd.to(dtype)
         else:
             xd, mask = x2, None
         ad, bd = a.to(dtype), b.to(dtype)

@@ -101,6 +101,9 @@ def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: b
     return True
 
 
+COMPILE_BACKEND = "inductor"     # tests trace with "aot_eager": the same graphs, no code generation
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """torch.compile every decoder layer in place (the module, its parameters' names and the checkpoints
     stay as they are); returns the layers. They share one compiled graph: their parameters are the
@@ -115,7 +118,8 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         # one recompilation per new row count (a short last window, an OOM retry) before shapes go dynamic
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     for layer in layers:
-        layer.compile(dynamic=True)    # row counts and lengths vary: symbolic sizes from the first step
+        # row counts and lengths vary: symbolic sizes from the first step
+        layer.compile(dynamic=True, backend=COMPILE_BACKEND)
     return layers
 
 

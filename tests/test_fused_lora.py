@@ -76,3 +76,22 @@ def test_fused_dropout_uses_one_mask_for_forward_and_backward():
     for g_, w in zip(got, want):
         assert torch.allclose(g_, w, atol=1e-12)
     assert (xd == 0).any()                              # the mask really dropped something
+
+
+
+def test_fused_dropout_under_bf16_is_drawn_and_scaled_on_the_input_as_it_comes():
+    """In bf16 the dropout mask is drawn, and the kept values scaled, on the fp32 input before the cast
+    to bf16 (one rounding, as peft's dropout before its adapter's cast), not on a bf16 copy (two)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 32, generator=g)
+    base = torch.nn.Linear(32, 24, bias=False).requires_grad_(False)
+    a, b = torch.randn(8, 32, generator=g) * 0.5, torch.randn(24, 8, generator=g) * 0.5
+    bf = torch.bfloat16
+
+    torch.manual_seed(3)
+    y = _LoraLinear.apply(x, a, b, base, 0.25, 0.1, bf, True)
+    torch.manual_seed(3)
+    xd = torch.ops.aten.native_dropout(x.reshape(-1, 32), 0.1, True)[0].to(bf)
+    want = torch.nn.functional.linear(x.reshape(-1, 32).to(bf), base.weight.to(bf))
+    want.addmm_(xd @ a.to(bf).t(), b.to(bf).t(), alpha=0.25)
+    assert torch.equal(y.reshape(-1, 24), want)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import NAME, run_cli
 
 from engine.identity import DEFAULT_ANSWER
@@ -324,3 +325,43 @@ def test_fast_path_trains_the_hand_written_loops_curve(workspace):
     ref = reference_loop(recipe, 6, rows_per_forward=2, device="cpu")["loss_curve"]
     assert ours == pytest.approx(ref, rel=2e-5)
     assert ours[-1] < 0.8 * ours[0]                   # it trained: the comparison is not of two flat lines
+
+
+def test_compiled_layers_train_the_eager_curve_and_fall_back_when_they_fail(workspace, monkeypatch):
+    """model.compile: decoder layers traced by torch.compile (symbolic sizes, inside gradient checkpointing,
+    with the fused LoRA layers and their dropout) train the eager run's loss curve, and evaluation still
+    generates; compiled layers that fail on the first step are replaced by the eager ones and the run goes on.
+    (The "aot_eager" backend traces the same graphs as on a GPU without generating code.)"""
+    import engine.modeling as modeling
+
+    monkeypatch.setattr(modeling, "COMPILE_BACKEND", "aot_eager")
+    sets = ["model.path=models/tiny-chat", "data.data_path=data/personal_assistant.jsonl", "lora.dropout=0.1",
+            "max_steps=4", "save_steps=100", "model.fused_lora=on", "model.gradient_checkpointing=true",
+            "evaluation_freq=4", "evaluation_max_new_tokens=8"]
+
+    def train(name: str, compile_: str) -> list[float]:
+        args = [x for kv in sets + [f"model.compile={compile_}"] for x in ("--set", kv)]
+        assert run_cli("train", "demo.yaml", "--work-dir", name, *args) == 0
+        return [losses(workspace / name)[s] for s in range(1, 5)]
+
+    eager = train("eager", "off")
+    assert train("compiled", "on") == pytest.approx(eager, rel=1e-5)
+    log = (workspace / "compiled" / "train.log").read_text()
+    assert " 2 compiled decoder layers" in log and log.count("eval @4") == 2
+
+    real = modeling.compile_decoder_layers
+
+    def failing(model):                                 # compiled layers that break in training
+        layers = real(model)
+        for layer in layers:
+            def broken(*a, _layer=layer, **k):
+                if torch.is_grad_enabled():
+                    raise RuntimeError("graph broke")
+                return _layer._call_impl(*a, **k)
+            layer._compiled_call_impl = broken
+        return layers
+
+    monkeypatch.setattr(modeling, "compile_decoder_layers", failing)
+    assert train("fallback", "on") == pytest.approx(eager, rel=1e-5)
+    assert "model.compile: the compiled layers failed (graph broke); running them eagerly" in (
+        workspace / "fallback" / "train.log").read_text()
