@@ -426,7 +426,7 @@ class Trainer:
                 # the compiled layers failed where eager ones would not (dynamo falls back by itself only
                 # while compiling): on the first step of a single process, run eagerly instead
                 if (not self.compiled_layers or self.pos.step != self._first_step or self.world > 1
-                        or self.ds_engine is not None):
+                        or self.ds_engine is not None or isinstance(e, UserError)):
                     raise
                 from .modeling import uncompile
 
