@@ -52,7 +52,7 @@ class ModelSection(_Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile each decoder layer of a text model for training (fused kernels, far "
                             "less Python per step; the first step waits about a minute for the compiler); "
-                            "auto = on a GPU.")
+                            "auto = on a GPU for LoRA on a 4-bit or unquantized model, except with ZeRO-3.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
         "auto", description="Attention kernel; auto = flex_attention for packed rows on a GPU, else sdpa. "
                             "Packed samples stay isolated with all three.")

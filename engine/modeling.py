@@ -115,7 +115,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     layers = [m for m in base.modules() if type(m).__name__ in kinds]
     if layers:
         torch._dynamo.config.suppress_errors = True
-        # one recompilation per new row count (a short last window, an OOM retry) before shapes go dynamic
+        # sizes are symbolic, but a one-row forward (a short last window) still gets a graph of its own
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     for layer in layers:
         # row counts and lengths vary: symbolic sizes from the first step

@@ -185,7 +185,11 @@ class Trainer:
         if full:  # master weights in fp32, compute under autocast
             precision = Precision(precision.device, precision.amp, torch.float32)
         device_map = ({"": self.local_rank} if precision.device == "cuda" else {"": "cpu"})
-        compile_layers = r.model.compile == "on" or (r.model.compile == "auto" and precision.device == "cuda")
+        # auto: where it was measured -- a GPU, LoRA on a 4-bit or unquantized base, not ZeRO-3 (its hooks
+        # gather weights per module call)
+        compile_layers = r.model.compile == "on" or (
+            r.model.compile == "auto" and precision.device == "cuda" and r.lora.enabled
+            and r.model.quantization != "8bit" and not r.train.deepspeed.startswith("zero3"))
         self.liger = apply_liger(r.model.path, r.model.liger_kernels, precision, r.model.trust_remote_code,
                                  compiled=compile_layers)
         attn = r.model.attn_implementation
