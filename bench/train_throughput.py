@@ -16,8 +16,8 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
   ddp         (--gpus 2) the same with plain PyTorch DDP
-  tunedeck_eager, tunedeck_noliger, tunedeck_sdpa (ask with --only): tunedeck without torch.compile,
-              without Liger's kernels, with SDPA instead of FlexAttention -- one lever each
+  tunedeck_eager, tunedeck_sdpa (ask with --only): tunedeck without torch.compile (and so with Liger's
+              kernels), with SDPA instead of FlexAttention -- one lever each
   tunedeck_plain, reference_bf16, reference_reseeded (ask with --only): tunedeck with peft's LoRA
               forward, no Liger, SDPA, no compile; the reference loop under bf16 autocast; the reference
               loop with other dropout masks -- to attribute curve differences
@@ -163,6 +163,7 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     so dropout may be recomputed rather than its mask kept)."""
     import torch
 
+    from engine.modeling import compile_decoder_layers
     from engine.runs import RunDirectory
     from engine.trainer import Trainer
 
@@ -176,8 +177,7 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     ckpt_inside = False
     for v in variants:
         if v.get("compile") and not compiled:       # torch.compile each decoder layer (stays on: list it last)
-            for layer in layers:
-                layer.compile(dynamic=True)
+            compile_decoder_layers(t.model)
             compiled = True
         if v.get("ckpt_inside") and not ckpt_inside:  # stays on too
             from torch.utils.checkpoint import checkpoint
@@ -302,11 +302,10 @@ def main() -> None:
     acc2 = str(16 // max(1, args.gpus))
     plans = {  # name: (work dir, overrides, gpus, deepspeed)
         "tunedeck": ("tp_default", [f"max_steps={args.steps}"], 1, None),
-        # the same loop with peft's LoRA forward, no Liger, SDPA: which lever moves the curve
-        # levers one by one, each in its own process
+        # levers one by one, each in its own process (without compile, Liger's kernels are on by default)
         "tunedeck_eager": ("tp_eager", [f"max_steps={args.steps}", "model.compile=off"], 1, None),
-        "tunedeck_noliger": ("tp_noliger", [f"max_steps={args.steps}", "model.liger_kernels=off"], 1, None),
         "tunedeck_sdpa": ("tp_sdpa", [f"max_steps={args.steps}", "model.attn_implementation=sdpa"], 1, None),
+        # the same loop with peft's LoRA forward, no Liger, SDPA, no compile: which lever moves the curve
         "tunedeck_plain": ("tp_plain", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
                                         "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),

@@ -172,10 +172,11 @@ class Trainer:
     def _setup_model(self) -> None:
         r = self.recipe
         quantized = r.model.quantization != "none"
+        zero3 = r.train.deepspeed.startswith("zero3")   # partitions weights, gathers them per module call
         if quantized and not r.lora.enabled:
             raise UserError(f"model.quantization: {r.model.quantization!r} needs lora.enabled: true "
                             "(a quantized model cannot be fully fine-tuned); set quantization: none")
-        if quantized and r.train.deepspeed.startswith("zero3"):
+        if quantized and zero3:
             raise UserError(f"train.deepspeed: {r.train.deepspeed!r} partitions the base weights and cannot "
                             "hold bitsandbytes 4/8-bit ones; use zero2 or model.quantization: none")
         if quantized and self.precision.device == "cpu" and r.model.quantization == "8bit":
@@ -185,11 +186,10 @@ class Trainer:
         if full:  # master weights in fp32, compute under autocast
             precision = Precision(precision.device, precision.amp, torch.float32)
         device_map = ({"": self.local_rank} if precision.device == "cuda" else {"": "cpu"})
-        # auto: where it was measured -- a GPU, LoRA on a 4-bit or unquantized base, not ZeRO-3 (its hooks
-        # gather weights per module call)
+        # auto: where it was measured -- a GPU, LoRA on a 4-bit or unquantized base, not ZeRO-3
         compile_layers = r.model.compile == "on" or (
             r.model.compile == "auto" and precision.device == "cuda" and r.lora.enabled
-            and r.model.quantization != "8bit" and not r.train.deepspeed.startswith("zero3"))
+            and r.model.quantization != "8bit" and not zero3)
         self.liger = apply_liger(r.model.path, r.model.liger_kernels, precision, r.model.trust_remote_code,
                                  compiled=compile_layers)
         attn = r.model.attn_implementation
@@ -212,7 +212,7 @@ class Trainer:
                                 gradient_checkpointing=r.model.gradient_checkpointing,
                                 frozen_dtype=precision.weight_dtype)
             fuse = r.model.fused_lora == "on" or (r.model.fused_lora == "auto" and precision.device == "cuda")
-            if fuse and not r.train.deepspeed.startswith("zero3"):   # ZeRO-3 gathers weights per module call
+            if fuse and not zero3:
                 from .fused_lora import fuse_lora_layers
 
                 self.fused_lora = fuse_lora_layers(model)
