@@ -63,7 +63,7 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
     metrics = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()] if (
         work / "metrics.jsonl").exists() else []
     status = json.loads((work / "status.json").read_text()) if (work / "status.json").exists() else {}
-    steady = [m for m in metrics if m["step"] > 3]
+    steady = [m for m in metrics if m["step"] > 3 and not m.get("profiled")]
     res = {"returncode": returncode, "state": status.get("state"), "error": status.get("error"),
            "steps": len(metrics), "wall_s": round(wall, 1) if wall else None}
     if steady:
@@ -76,6 +76,8 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
                    loss_curve=[m["loss"] for m in metrics], grad_norm_curve=[m.get("grad_norm") for m in metrics])
     if returncode != 0:
         res["log_tail"] = log[-3000:]
+    for prof in sorted((work / "profile").glob("*.txt")) if (work / "profile").is_dir() else ():
+        res.setdefault("profiles", {})[prof.stem] = prof.read_text().splitlines()[0]
     evals = work / "evals.jsonl"
     if evals.exists():
         res["evals_last"] = [json.loads(x) for x in evals.read_text().splitlines()][-3:]

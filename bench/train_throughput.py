@@ -16,6 +16,8 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
   ddp         (--gpus 2) the same with plain PyTorch DDP
+  tunedeck_half  (ask with --only) one GPU on one rank's share of a --gpus step: the multi-GPU step less
+              its communication
   tunedeck_eager, tunedeck_sdpa (ask with --only): tunedeck without torch.compile (and so with Liger's
               kernels), with SDPA instead of FlexAttention -- one lever each
   tunedeck_plain, reference_bf16, reference_reseeded (ask with --only): tunedeck with peft's LoRA
@@ -258,6 +260,8 @@ def main() -> None:
     ap.add_argument("--only", default="baseline,tunedeck,reference,low_memory,zero2,ddp",
                     help="runs, in this order")
     ap.add_argument("--explore", help="JSON list of lever variants to time in one process")
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="profile this step of every tunedeck run (TUNEDECK_PROFILE_STEP; left out of the timing)")
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
     ap.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
@@ -267,6 +271,8 @@ def main() -> None:
                          "curves without dropout's random masks)")
     args = ap.parse_args()
     args.multi_steps = args.multi_steps or args.steps
+    if args.profile_step:
+        os.environ["TUNEDECK_PROFILE_STEP"] = str(args.profile_step)
     BASE_SETS.extend(args.set)
     import torch
 
@@ -308,6 +314,8 @@ def main() -> None:
         # the same loop with peft's LoRA forward, no Liger, SDPA, no compile: which lever moves the curve
         "tunedeck_plain": ("tp_plain", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
                                         "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
+        # one GPU on one rank's share of a 2-GPU step (half the window): the multi-GPU runs less their communication
+        "tunedeck_half": ("tp_half", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], 1, None),
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
         "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),
         "ddp": ("tp_ddp", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, None),
@@ -328,6 +336,9 @@ def main() -> None:
         elif name in plans and (plans[name][2] > 1 or not name.startswith(("zero", "ddp"))):
             work, sets, gpus, ds = plans[name]
             runs[name] = run_tunedeck(Path("/tmp/ft") / work, BASE_SETS + sets, gpus=gpus, deepspeed=ds)
+            for prof in sorted((Path("/tmp/ft") / work / "profile").glob("*.txt")):
+                for d in out_dirs[1:]:                 # the full tables go to $OUT only
+                    (d / f"profile_{name}_{prof.name}").write_text(prof.read_text())
         else:
             continue
         print(name, json.dumps(runs[name]), flush=True)

@@ -73,6 +73,7 @@ class Trainer:
         self.resume_from = resume_from
         self.config_name = config_name
         self._stop_requested = False
+        self.profile_step = _profile_step()
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -494,6 +495,7 @@ class Trainer:
             self.evaluate()
         step_times: list[float] = []
         self._first_step = self.pos.step
+        profile_step = self.profile_step
         state = "finished"
         saved_at = self.pos.step if self.resume_from else -1
         acc = r.train.accumulative_counts
@@ -504,7 +506,10 @@ class Trainer:
                 self.pos.window = 0
             batches = self._window(self.pos.epoch, self.pos.window)
             ts = time.time()
-            loss, grad_norm, tokens = self._train_step(batches)
+            if self.pos.step + 1 == profile_step:
+                loss, grad_norm, tokens = self._profiled_step(batches)
+            else:
+                loss, grad_norm, tokens = self._train_step(batches)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.time() - ts
@@ -512,7 +517,7 @@ class Trainer:
             self.pos.window += 1
             self.pos.step += 1
             lr = self.scheduler.get_last_lr()[0]
-            self._on_step(loss, lr, grad_norm, tokens, dt, step_times)
+            self._on_step(loss, lr, grad_norm, tokens, dt, step_times, profiled=self.pos.step == profile_step)
             if self.pos.step % r.train.save_steps == 0 and self.pos.step < self.total_steps:
                 self.save()
                 saved_at = self.pos.step
@@ -533,6 +538,40 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return state
+
+    def _profiled_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
+        """_train_step under torch.profiler (TUNEDECK_PROFILE_STEP); writes each rank's summary to
+        profile/step<N>_rank<R>.txt in the run directory: how long the GPU was busy in the step, the
+        operations by device time and by CPU time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            out = self._train_step(batches)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - t0
+        try:
+            self._write_profile(prof, wall, cuda)
+        except Exception as e:       # the profile is a diagnostic: never the end of a run
+            log.warning("profile: could not be written (%s)", e)
+        return out
+
+    def _write_profile(self, prof: Any, wall: float, cuda: bool) -> None:
+        ka = prof.key_averages()
+        head = f"step {self.pos.step + 1} on rank {self.rank} of {self.world}: {wall * 1e3:.1f} ms under the profiler"
+        if cuda:
+            busy = _busy_ms([(e.time_range.start, e.time_range.end) for e in prof.events()
+                             if e.device_type == torch.autograd.DeviceType.CUDA])
+            head += f"; GPU busy {busy:.1f} ms ({100 * busy / max(wall * 1e3, 1e-9):.0f}%)"
+        sort = "device_time_total" if cuda else "cpu_time_total"
+        path = self.run.path / "profile" / f"step{self.pos.step + 1}_rank{self.rank}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(head + "\n\n" + ka.table(sort_by=sort, row_limit=40) + "\n"
+                        + ka.table(sort_by="self_cpu_time_total", row_limit=25) + "\n", encoding="utf-8")
+        log.info("profile: %s (%s)", head, path)
 
     def _stop_now(self) -> bool:
         flag = self._stop_requested
@@ -577,7 +616,7 @@ class Trainer:
             self.tb = None
 
     def _on_step(self, loss: float, lr: float, grad_norm: float, tokens: int, dt: float,
-                 step_times: list[float]) -> None:
+                 step_times: list[float], profiled: bool = False) -> None:
         if self.rank != 0:
             return
         step = self.pos.step
@@ -588,6 +627,8 @@ class Trainer:
                "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None, "step_time_s": round(dt, 4),
                "gpu_mem_gib": round(mem, 3) if mem is not None else None, "time": time.time()}
+        if profiled:                     # slowed by the profiler: not a step to time
+            rec["profiled"] = True
         if step % self.recipe.train.logging_steps == 0 or step == self.total_steps:
             with open(self.run.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -739,6 +780,26 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, head: Any, labels: torch.Ten
         total = total + checkpoint(_ce_chunk, h[s:s + chunk_tokens], head, y[s:s + chunk_tokens],
                                    use_reentrant=False)
     return total
+
+
+def _profile_step() -> int:
+    """TUNEDECK_PROFILE_STEP=N: run optimizer step N under torch.profiler (0 or unset: none)."""
+    raw = os.environ.get("TUNEDECK_PROFILE_STEP", "").strip()
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        raise UserError(f"TUNEDECK_PROFILE_STEP: {raw!r} is not a step number") from None
+
+
+def _busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals given in microseconds, in milliseconds."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e3
 
 
 def _free_port() -> int:

@@ -259,6 +259,23 @@ def test_tensorboard_events_when_installed(workspace):
     assert list((workspace / "tb" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_profile_step_writes_a_summary_and_is_left_out_of_timing(workspace, monkeypatch, capsys):
+    from engine.trainer import _busy_ms
+
+    assert _busy_ms([(0, 1000), (500, 2500), (3000, 4000), (3100, 3200)]) == 3.5      # union, in ms
+    monkeypatch.setenv("TUNEDECK_PROFILE_STEP", "2")
+    assert run_cli("train", "demo.yaml", "--work-dir", "prof", "--set", "max_steps=3",
+                   "--set", "evaluation_inputs=[]") == 0
+    text = (workspace / "prof" / "profile" / "step2_rank0.txt").read_text()
+    assert text.startswith("step 2 on rank 0 of 1: ") and "aten::mm" in text
+    assert [m.get("profiled", False) for m in RunDirectory(workspace / "prof").metrics()] == [False, True, False]
+    monkeypatch.setenv("TUNEDECK_PROFILE_STEP", "two")
+    capsys.readouterr()
+    assert run_cli("train", "demo.yaml", "--work-dir", "prof2", "--set", "max_steps=1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: TUNEDECK_PROFILE_STEP: 'two' is not a step number"
+
+
 def test_chunked_loss_and_fused_micro_batches_give_the_same_step(workspace):
     """The GPU paths, checked on the CPU: the loss from hidden states in chunks, and a window's
     micro-batches run as one forward, give the loss and gradients of the plain per-micro-batch step."""
