@@ -35,6 +35,7 @@ def build_model(extra_texts: list[str] | None = None) -> None:
         cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
                           num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768, rope_theta=1e6,
                           tie_word_embeddings=False, torch_dtype="bfloat16")
+        torch.manual_seed(0)       # the same weights on every machine: curves compare across calls
         with torch.device("cuda"):
             m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
         m.save_pretrained(MODEL)

@@ -33,7 +33,6 @@ peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -158,76 +157,65 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
 def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     """One Trainer; each variant switches a lever in place and times a few steps (peak memory reset
     per variant). Keys: name, steps, and any of rows (rows per forward), chunk (loss chunk tokens),
-    fused (bool), keep (decoder layers not checkpointed, from the top), profile (bool), compile (bool:
-    torch.compile every decoder layer from this variant on, when the trainer has not), ckpt_inside (bool:
-    from this variant on, each layer's checkpoint inside its compiled graph instead of around it -- the
-    recompute compiled too, no saved-tensor hooks in Python; rng: true also sets functionalize_rng_ops
-    so dropout may be recomputed rather than its mask kept)."""
+    acc (micro-batches per window: a shorter one, e.g. one rank's share of a 2-GPU step),
+    fused (bool), keep (eager layers only: decoder layers not checkpointed, from the top), profile (bool),
+    mode (torch.compile every decoder layer anew with this mode, "" for the default, "reduce-overhead"
+    for CUDA graphs; inside: false keeps transformers' checkpoint around the compiled layer; stays on),
+    skip_guards (bool: dynamo's skip_guard_eval_unsafe for this variant)."""
     import torch
 
-    from engine.modeling import compile_decoder_layers
+    from engine.modeling import compile_decoder_layers, uncompile
     from engine.runs import RunDirectory
     from engine.trainer import Trainer
 
-    t = Trainer(_recipe(["max_steps=1000"]), RunDirectory(Path("/tmp/ft/explore")))
+    # layers are compiled by the variants (mode); Liger's kernels do not go with compiled layers
+    t = Trainer(_recipe(["max_steps=1000", "model.compile=off", "model.liger_kernels=off"]),
+                RunDirectory(Path("/tmp/ft/explore")))
     t.setup()
     layers = t.model.get_base_model().model.layers
     fused = {m: m.__dict__["forward"] for m in t.model.modules() if "forward" in vars(m)}
     results = []
     window = 0
-    compiled = bool(t.compiled_layers)
-    ckpt_inside = False
     for v in variants:
-        if v.get("compile") and not compiled:       # torch.compile each decoder layer (stays on: list it last)
-            compile_decoder_layers(t.model)
-            compiled = True
-        if v.get("ckpt_inside") and not ckpt_inside:  # stays on too
-            from torch.utils.checkpoint import checkpoint
-
-            if v.get("rng"):
-                import torch._functorch.config
-
-                torch._functorch.config.functionalize_rng_ops = True
-            for layer in layers:
-                layer._compiled_call_impl = None
-                layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-                layer.compile(dynamic=True)
-            ckpt_inside = compiled = True
+        if "mode" in v:           # (re)compile every decoder layer with this torch.compile mode (stays on)
+            uncompile(t.compiled_layers)
+            torch._dynamo.reset()
+            t.compiled_layers = compile_decoder_layers(t.model, mode=v["mode"] or None,
+                                                       checkpoint_inside=v.get("inside", True))
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=bool(v.get("skip_guards")))
         for m, f in fused.items():
             if v.get("fused", True):
                 m.forward = f
             elif "forward" in vars(m):
                 del m.forward
-        for i, layer in enumerate(layers):      # (transformers' checkpoint around the layer)
-            layer.gradient_checkpointing = not ckpt_inside and i < len(layers) - v.get("keep", 0)
+        for i, layer in enumerate(layers):      # eager layers: transformers' checkpoint around each
+            if not t.compiled_layers:
+                layer.gradient_checkpointing = i < len(layers) - v.get("keep", 0)
         t._auto_rows = v.get("rows", 0)
         t.loss_head.chunk_tokens = v.get("chunk", 1024)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times = []
         try:
+            tokens = 0
             for s in range(v.get("steps", 5) + 2 + bool(v.get("profile"))):
-                batches = t._window(0, window % t.steps_per_epoch)
+                batches = t._window(0, window % t.steps_per_epoch)[:v.get("acc")]   # acc: a shorter window
                 window += 1
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                if v.get("profile") and s == 2:
-                    from torch.profiler import ProfilerActivity, profile
-
-                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                        t._train_step(batches)
-                        torch.cuda.synchronize()
-                    ka = prof.key_averages()
-                    (out_dir / f"profile_{v['name']}.txt").write_text(
-                        ka.table(sort_by="cuda_time_total", row_limit=40) + "\n"
-                        + ka.table(sort_by="self_cpu_time_total", row_limit=25))
-                else:
-                    t._train_step(batches)
+                if v.get("mode") == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                if v.get("profile") and s == 2:            # the profiled step is not timed
+                    t._profiled_step(batches)
+                    for prof in (t.run.path / "profile").glob("*.txt"):
+                        prof.replace(out_dir / f"profile_{v['name']}.txt")
+                    continue
+                t._train_step(batches)
                 torch.cuda.synchronize()
-                if s >= 2 and not (v.get("profile") and s == 2):     # the profiled step is not timed
+                if s >= 2:
                     times.append(time.perf_counter() - t0)
-            tokens = t.recipe.train.accumulative_counts * t.recipe.data.max_length
-            res = {**v, "tokens_per_s": round(tokens * len(times) / sum(times)),
+                    tokens += sum(int(b["input_ids"].numel()) for b in batches)
+            res = {**v, "tokens_per_s": round(tokens / sum(times)),
                    "step_s": round(sum(times) / len(times), 3),
                    "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         except torch.cuda.OutOfMemoryError as e:
