@@ -20,6 +20,7 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
               its communication
   tunedeck_eager, tunedeck_sdpa (ask with --only): tunedeck without torch.compile (and so with Liger's
               kernels), with SDPA instead of FlexAttention -- one lever each
+  plain_fused, plain_flex (ask with --only): tunedeck_plain with the fused LoRA layers, with FlexAttention
   tunedeck_plain, reference_bf16, reference_reseeded (ask with --only): tunedeck with peft's LoRA
               forward, no Liger, SDPA, no compile; the reference loop under bf16 autocast; the reference
               loop with other dropout masks -- to attribute curve differences
@@ -304,6 +305,11 @@ def main() -> None:
                                         "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
         # one GPU on one rank's share of a 2-GPU step (half the window): the multi-GPU runs less their communication
         "tunedeck_half": ("tp_half", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], 1, None),
+        # tunedeck_plain plus one lever: which of them moves the curve
+        "plain_fused": ("tp_plain_fused", [f"max_steps={args.steps}", "model.fused_lora=on", "model.liger_kernels=off",
+                                           "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
+        "plain_flex": ("tp_plain_flex", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
+                                         "model.attn_implementation=flex_attention", "model.compile=off"], 1, None),
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
         "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),
         "ddp": ("tp_ddp", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, None),

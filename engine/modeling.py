@@ -134,6 +134,13 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None,
             layer.gradient_checkpointing = False
             layer._tunedeck_checkpoint = True
             layer.forward = _checkpointed(layer, layer.forward)
+            if next(layer.parameters()).is_cuda:
+                # dropout in a checkpointed graph: recomputed from its saved Philox seed and offset (the
+                # same masks) instead of its outputs being kept -- those would cost more than checkpointing
+                # saves (CUDA only; on the CPU the outputs are kept)
+                import torch._functorch.config
+
+                torch._functorch.config.functionalize_rng_ops = True
         # row counts and lengths vary: symbolic sizes from the first step
         layer.compile(dynamic=True, backend=COMPILE_BACKEND, **kw)
     return layers
