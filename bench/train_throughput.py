@@ -34,6 +34,7 @@ peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -161,7 +162,8 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
     acc (micro-batches per window: a shorter one, e.g. one rank's share of a 2-GPU step),
     fused (bool), keep (eager layers only: decoder layers not checkpointed, from the top), profile (bool),
     mode (torch.compile every decoder layer anew with this mode, "" for the default, "reduce-overhead"
-    for CUDA graphs; inside: false keeps transformers' checkpoint around the compiled layer; stays on),
+    for CUDA graphs; inside: true puts each layer's checkpoint inside its compiled graph, rng: true with it
+    recomputes dropout from its Philox state; stays on),
     skip_guards (bool: dynamo's skip_guard_eval_unsafe for this variant)."""
     import torch
 
@@ -181,8 +183,9 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
         if "mode" in v:           # (re)compile every decoder layer with this torch.compile mode (stays on)
             uncompile(t.compiled_layers)
             torch._dynamo.reset()
-            t.compiled_layers = compile_decoder_layers(t.model, mode=v["mode"] or None,
-                                                       checkpoint_inside=v.get("inside", True))
+            if v.get("inside"):
+                _checkpoint_inside(layers, rng=v.get("rng", False))
+            t.compiled_layers = compile_decoder_layers(t.model, mode=v["mode"] or None)
         torch.compiler.set_stance("default", skip_guard_eval_unsafe=bool(v.get("skip_guards")))
         for m, f in fused.items():
             if v.get("fused", True):
@@ -225,6 +228,27 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
         print("explore", json.dumps(res), flush=True)
         results.append(res)
     return results
+
+
+def _checkpoint_inside(layers, rng: bool) -> None:
+    """Each layer's checkpoint inside its forward, so inside the compiled graph (transformers 5.17 puts
+    it around __call__, outside); rng: dropout recomputed from its Philox state (CUDA only), not kept."""
+    import torch
+    import torch._functorch.config
+    from torch.utils.checkpoint import checkpoint
+
+    torch._functorch.config.functionalize_rng_ops = rng
+    for layer in layers:
+        if "forward" in vars(layer):
+            continue
+        forward = layer.forward
+        layer.gradient_checkpointing = False
+
+        def run(*args, _forward=forward, _layer=layer, **kwargs):
+            if _layer.training and torch.is_grad_enabled():
+                return checkpoint(functools.partial(_forward, **kwargs), *args, use_reentrant=False)
+            return _forward(*args, **kwargs)
+        layer.forward = run
 
 
 # ---------------------------------------------------------------- main

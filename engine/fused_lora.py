@@ -7,10 +7,11 @@ forward, that launch overhead, not the arithmetic, sets the speed. Here the same
 
     y = x W^T + scale * dropout(x) A^T B^T
 
-is one forward (dequantize W, two matmuls, the adapter's product added into the base output by
-``addmm``) and one backward (the input gradient, and A's and B's; W is frozen, so its gradient is
-never formed). It saves only the dropped input, the dropout mask and the rank-r product, not the
-several input copies peft's path keeps.
+is one forward (dequantize W, two matmuls, the adapter's product added into the base output: by
+``addmm`` on a plain base; on a 4-bit base in the input's dtype, as bitsandbytes and peft do) and one
+backward (the input gradient, and A's and B's; W is frozen, so its gradient is never formed). It
+saves only the dropped input, the dropout mask and the rank-r product, not the several input copies
+peft's path keeps.
 
 It is installed on peft's LoRA modules by replacing their ``forward``; the parameters, their names
 and the checkpoints do not change. Anything this path does not cover (merged or disabled adapters,
@@ -54,7 +55,8 @@ def _block_scales(w: torch.Tensor) -> torch.Tensor:
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
-                scale: float, p: float, dtype: torch.dtype, training: bool) -> torch.Tensor:
+                scale: float, p: float, dtype: torch.dtype, training: bool,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         shape = x.shape
         x1 = x.reshape(-1, shape[-1])
         x2 = x1.to(dtype)
@@ -66,10 +68,15 @@ class _LoraLinear(torch.autograd.Function):
             xd, mask = x2, None
         ad, bd = a.to(dtype), b.to(dtype)
         h = xd @ ad.t()                                   # (N, r)
-        y.addmm_(h, bd.t(), alpha=scale)
         bias = getattr(base, "bias", None)
-        if bias is not None:
-            y += bias.to(dtype)
+        if out_dtype is None or out_dtype == dtype:
+            y.addmm_(h, bd.t(), alpha=scale)
+            if bias is not None:
+                y += bias.to(dtype)
+        else:       # a 4-bit base: its product in out_dtype, and the adapter's output added there, as peft does
+            if bias is not None:
+                y += bias.to(dtype)
+            y = y.to(out_dtype).add_(h @ bd.t(), alpha=scale)
         ctx.save_for_backward(xd, mask, h, a, b)
         ctx.base, ctx.scale, ctx.p, ctx.dtype, ctx.x_dtype, ctx.shape = base, scale, p, dtype, x.dtype, shape
         ctx.has_mask = mask is not None
@@ -92,7 +99,7 @@ class _LoraLinear(torch.autograd.Function):
             if ctx.has_mask:
                 dxd = torch.ops.aten.native_dropout_backward(dxd, mask, 1.0 / (1.0 - ctx.p))
             dx = torch.addmm(dxd, dy2, _dense_weight(ctx.base, dt)).to(ctx.x_dtype).reshape(ctx.shape)
-        return dx, da, db, None, None, None, None, None
+        return dx, da, db, None, None, None, None, None, None
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -109,9 +116,14 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     dev = x.device.type
     dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
              else getattr(base, "compute_dtype", None) or x.dtype)
+    # bitsandbytes' 4-bit layer returns its product in the input's dtype (fp32 under autocast when the
+    # input is fp32) and peft adds the adapter's output there; a small early adapter output added into a
+    # bf16 product instead would mostly round away
+    out_dtype = x.dtype if getattr(base.weight, "quant_state", None) is not None else dtype
     with torch.autocast(dev, enabled=False):
         return _LoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base,
-                                 float(self.scaling[name]), float(getattr(drop, "p", 0.0)), dtype, drop.training)
+                                 float(self.scaling[name]), float(getattr(drop, "p", 0.0)), dtype, drop.training,
+                                 out_dtype)
 
 
 def fuse_lora_layers(model: torch.nn.Module) -> int:

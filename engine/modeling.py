@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -105,17 +104,16 @@ def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: b
 COMPILE_BACKEND = "inductor"     # tests trace with "aot_eager": the same graphs, no code generation
 
 
-def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None,
-                           checkpoint_inside: bool = True) -> list[torch.nn.Module]:
+def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> list[torch.nn.Module]:
     """torch.compile every decoder layer in place (the module, its parameters' names and the checkpoints
     stay as they are); returns the layers. They share one compiled graph: their parameters are the
-    graph's inputs. A layer whose compilation fails runs eagerly (dynamo's suppress_errors).
+    graph's inputs. A layer whose compilation fails runs eagerly (dynamo's suppress_errors). ``mode``
+    is torch.compile's (inductor only), e.g. "reduce-overhead" for CUDA graphs.
 
-    A checkpointed layer gets its checkpoint inside the compiled graph (transformers puts it around
-    ``__call__`` in some versions, around ``forward`` in others): the recompute is part of the compiled
-    backward, one call per layer instead of a compiled forward run again under Python saved-tensor
-    hooks (checkpoint_inside=False leaves it where transformers put it: bench/). ``mode`` is
-    torch.compile's (inductor only), e.g. "reduce-overhead" for CUDA graphs."""
+    Gradient checkpointing stays where transformers puts it. Moving the checkpoint inside the compiled
+    graph was measured (bench/levers_overhead.json, H200): with dropout the partitioner keeps the
+    dropout outputs instead of recomputing them (49 GiB at 16 rows), and with the dropout recomputed
+    from its Philox state (functionalize_rng_ops) a step was slower than with the checkpoint outside."""
     import torch._dynamo
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -125,44 +123,20 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None,
         torch._dynamo.config.suppress_errors = True
         # sizes are symbolic, but a one-row forward (a short last window) still gets a graph of its own
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-        # DDP around the model would split each layer's graph at its gradient buckets (dozens of graphs
-        # per layer, each with its own guards and launch); the layers' gradients reach DDP's hooks anyway
+        # under DDP dynamo would split each layer's graph at DDP's gradient buckets (a dozen graphs per
+        # layer, each with its own guards and launches: profiled, H200); the gradients reach DDP's hooks anyway
         torch._dynamo.config.optimize_ddp = False
     kw = {"mode": mode} if mode and COMPILE_BACKEND == "inductor" else {}
     for layer in layers:
-        if checkpoint_inside and getattr(layer, "gradient_checkpointing", False):
-            layer.gradient_checkpointing = False
-            layer._tunedeck_checkpoint = True
-            layer.forward = _checkpointed(layer, layer.forward)
-            if next(layer.parameters()).is_cuda:
-                # dropout in a checkpointed graph: recomputed from its saved Philox seed and offset (the
-                # same masks) instead of its outputs being kept -- those would cost more than checkpointing
-                # saves (CUDA only; on the CPU the outputs are kept)
-                import torch._functorch.config
-
-                torch._functorch.config.functionalize_rng_ops = True
         # row counts and lengths vary: symbolic sizes from the first step
         layer.compile(dynamic=True, backend=COMPILE_BACKEND, **kw)
     return layers
 
 
-def _checkpointed(layer: torch.nn.Module, forward: Any) -> Any:
-    from torch.utils.checkpoint import checkpoint
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if layer.training and torch.is_grad_enabled():
-            return checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=False)
-        return forward(*args, **kwargs)
-    return run
-
-
 def uncompile(layers: list[torch.nn.Module]) -> None:
-    """Undo compile_decoder_layers: the layers run eagerly again, checkpointed as before."""
+    """Undo Module.compile: the layers run eagerly again."""
     for layer in layers:
         layer._compiled_call_impl = None
-        if layer.__dict__.pop("_tunedeck_checkpoint", False):
-            del layer.forward
-            layer.gradient_checkpointing = True
 
 
 def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4", double_quant: bool = True,

@@ -95,3 +95,33 @@ def test_fused_dropout_under_bf16_is_drawn_and_scaled_on_the_input_as_it_comes()
     want = torch.nn.functional.linear(x.reshape(-1, 32).to(bf), base.weight.to(bf))
     want.addmm_(xd @ a.to(bf).t(), b.to(bf).t(), alpha=0.25)
     assert torch.equal(y.reshape(-1, 24), want)
+
+
+def test_fused_4bit_layer_adds_a_small_adapter_output_in_the_inputs_dtype_as_peft(tiny_model):
+    """bitsandbytes' 4-bit layer hands its bf16 product back in the input's dtype (fp32 here), and peft adds
+    the adapter's bf16 output to it there. Early in training B is small: added into a bf16 base output its
+    contribution would mostly round away (the first optimizer steps moved the loss less than peft's on an
+    H200). The fused layer returns what peft's returns, in its dtype."""
+    from engine.modeling import Precision, attach_lora, load_model
+
+    prec = Precision("cpu", "bf16", torch.bfloat16)
+    model = load_model(str(tiny_model), quantization="4bit", precision=prec)
+    torch.manual_seed(0)
+    model = attach_lora(model, r=8, alpha=16, dropout=0.0, target_modules="all-linear", bias="none",
+                        quantized=True, gradient_checkpointing=False)
+    layer = model.get_base_model().model.layers[0].mlp.up_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=1e-4)     # a first update's size
+    x = torch.randn(2, 24, layer.in_features, generator=torch.Generator().manual_seed(1))
+
+    def out() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    want = out()
+    with model.disable_adapter():
+        delta = want - out()
+    assert want.dtype == torch.float32 and delta.abs().mean() > 0
+    assert fuse_lora_layers(model) == 14
+    got = out()
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=0, atol=1e-3 * float(delta.abs().max()))
