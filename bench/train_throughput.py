@@ -156,7 +156,7 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
 
 
 # ---------------------------------------------------------------- levers, one by one, in one process
-def explore(variants: list[dict], out_dir: Path) -> list[dict]:
+def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> list[dict]:
     """One Trainer; each variant switches a lever in place and times a few steps (peak memory reset
     per variant). Keys: name, steps, and any of rows (rows per forward), chunk (loss chunk tokens),
     acc (micro-batches per window: a shorter one, e.g. one rank's share of a 2-GPU step),
@@ -227,6 +227,7 @@ def explore(variants: list[dict], out_dir: Path) -> list[dict]:
             res = {**v, "error": f"OOM {str(e)[:120]}"}
         print("explore", json.dumps(res), flush=True)
         results.append(res)
+        save(results)                 # after every variant: a call cut short keeps what ran
     return results
 
 
@@ -300,10 +301,12 @@ def main() -> None:
     slug = gpu.replace(" ", "_").replace("/", "_") + (f"_{args.tag}" if args.tag else "")
     out_dirs = [REPO / "bench/results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     if args.explore:
-        res = explore(json.loads(Path(args.explore).read_text()), Path(os.environ.get("OUT", "/tmp/ft")))
-        for d in out_dirs:
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"train_levers_{slug}.json").write_text(json.dumps({"gpu": gpu, "variants": res}, indent=1) + "\n")
+        def save(res: list[dict]) -> None:
+            for d in out_dirs:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"train_levers_{slug}.json").write_text(json.dumps({"gpu": gpu, "variants": res}, indent=1) + "\n")
+
+        explore(json.loads(Path(args.explore).read_text()), Path(os.environ.get("OUT", "/tmp/ft")), save)
         return
     import bitsandbytes
     import peft
