@@ -495,7 +495,6 @@ class Trainer:
             self.evaluate()
         step_times: list[float] = []
         self._first_step = self.pos.step
-        profile_step = self.profile_step
         state = "finished"
         saved_at = self.pos.step if self.resume_from else -1
         acc = r.train.accumulative_counts
@@ -506,7 +505,7 @@ class Trainer:
                 self.pos.window = 0
             batches = self._window(self.pos.epoch, self.pos.window)
             ts = time.time()
-            if self.pos.step + 1 == profile_step:
+            if self.pos.step + 1 == self.profile_step:
                 loss, grad_norm, tokens = self._profiled_step(batches)
             else:
                 loss, grad_norm, tokens = self._train_step(batches)
@@ -517,7 +516,7 @@ class Trainer:
             self.pos.window += 1
             self.pos.step += 1
             lr = self.scheduler.get_last_lr()[0]
-            self._on_step(loss, lr, grad_norm, tokens, dt, step_times, profiled=self.pos.step == profile_step)
+            self._on_step(loss, lr, grad_norm, tokens, dt, step_times, profiled=self.pos.step == self.profile_step)
             if self.pos.step % r.train.save_steps == 0 and self.pos.step < self.total_steps:
                 self.save()
                 saved_at = self.pos.step
@@ -786,9 +785,12 @@ def _profile_step() -> int:
     """TUNEDECK_PROFILE_STEP=N: run optimizer step N under torch.profiler (0 or unset: none)."""
     raw = os.environ.get("TUNEDECK_PROFILE_STEP", "").strip()
     try:
-        return int(raw) if raw else 0
+        step = int(raw) if raw else 0
     except ValueError:
-        raise UserError(f"TUNEDECK_PROFILE_STEP: {raw!r} is not a step number") from None
+        step = -1
+    if step < 0:
+        raise UserError(f"TUNEDECK_PROFILE_STEP: {raw!r} is not a step number (1, 2, ...; 0 for none)")
+    return step
 
 
 def _busy_ms(intervals: list[tuple[float, float]]) -> float:

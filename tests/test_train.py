@@ -273,7 +273,7 @@ def test_profile_step_writes_a_summary_and_is_left_out_of_timing(workspace, monk
     capsys.readouterr()
     assert run_cli("train", "demo.yaml", "--work-dir", "prof2", "--set", "max_steps=1") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: TUNEDECK_PROFILE_STEP: 'two' is not a step number"
+    assert err[-1] == "error: TUNEDECK_PROFILE_STEP: 'two' is not a step number (1, 2, ...; 0 for none)"
 
 
 def test_chunked_loss_and_fused_micro_batches_give_the_same_step(workspace):
