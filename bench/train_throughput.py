@@ -164,6 +164,7 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
     mode (torch.compile every decoder layer anew with this mode, "" for the default, "reduce-overhead"
     for CUDA graphs; inside: true puts each layer's checkpoint inside its compiled graph, rng: true with it
     recomputes dropout from its Philox state; stays on),
+    cpp_wrapper (bool, with mode: inductor's C++ wrapper launches the kernels instead of Python),
     skip_guards (bool: dynamo's skip_guard_eval_unsafe for this variant)."""
     import torch
 
@@ -183,6 +184,9 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
         if "mode" in v:           # (re)compile every decoder layer with this torch.compile mode (stays on)
             uncompile(t.compiled_layers)
             torch._dynamo.reset()
+            import torch._inductor.config
+
+            torch._inductor.config.cpp_wrapper = bool(v.get("cpp_wrapper"))   # kernels launched from C++
             if v.get("inside"):
                 _checkpoint_inside(layers, rng=v.get("rng", False))
             t.compiled_layers = compile_decoder_layers(t.model, mode=v["mode"] or None)
