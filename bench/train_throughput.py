@@ -180,7 +180,9 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
     fused = {m: m.__dict__["forward"] for m in t.model.modules() if "forward" in vars(m)}
     results = []
     window = 0
+    mode = None
     for v in variants:
+        mode = v.get("mode", mode)
         if "mode" in v:           # (re)compile every decoder layer with this torch.compile mode (stays on)
             uncompile(t.compiled_layers)
             torch._dynamo.reset()
@@ -211,7 +213,7 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
                 window += 1
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                if v.get("mode") == "reduce-overhead":
+                if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 if v.get("profile") and s == 2:            # the profiled step is not timed
                     t._profiled_step(batches)
