@@ -505,10 +505,9 @@ class Trainer:
                 self.pos.window = 0
             batches = self._window(self.pos.epoch, self.pos.window)
             ts = time.time()
-            if self.pos.step + 1 == self.profile_step:
-                loss, grad_norm, tokens = self._profiled_step(batches)
-            else:
-                loss, grad_norm, tokens = self._train_step(batches)
+            profiled = self.pos.step + 1 == self.profile_step
+            step_fn = self._profiled_step if profiled else self._train_step
+            loss, grad_norm, tokens = step_fn(batches)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.time() - ts
@@ -516,7 +515,7 @@ class Trainer:
             self.pos.window += 1
             self.pos.step += 1
             lr = self.scheduler.get_last_lr()[0]
-            self._on_step(loss, lr, grad_norm, tokens, dt, step_times, profiled=self.pos.step == self.profile_step)
+            self._on_step(loss, lr, grad_norm, tokens, dt, step_times, profiled=profiled)
             if self.pos.step % r.train.save_steps == 0 and self.pos.step < self.total_steps:
                 self.save()
                 saved_at = self.pos.step

@@ -78,7 +78,6 @@ def test_fused_dropout_uses_one_mask_for_forward_and_backward():
     assert (xd == 0).any()                              # the mask really dropped something
 
 
-
 def test_fused_dropout_under_bf16_is_drawn_and_scaled_on_the_input_as_it_comes():
     """In bf16 the dropout mask is drawn, and the kept values scaled, on the fp32 input before the cast
     to bf16 (one rounding, as peft's dropout before its adapter's cast), not on a bf16 copy (two)."""
