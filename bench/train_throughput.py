@@ -228,9 +228,13 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
             res = {**v, "tokens_per_s": round(tokens / sum(times)),
                    "step_s": round(sum(times) / len(times), 3),
                    "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-        except torch.cuda.OutOfMemoryError as e:
+        except Exception as e:        # out of memory, a CUDA-graph or compile failure: noted, the next variant runs
             t.optimizer.zero_grad(set_to_none=True)
-            res = {**v, "error": f"OOM {str(e)[:120]}"}
+            res = {**v, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        from torch._dynamo.utils import counters
+        # CUDA graphs skipped (and why) or taken: the reason a reduce-overhead variant is no faster
+        res["inductor_counters"] = {k: n for k, n in counters["inductor"].items() if "cudagraph" in k}
+        counters["inductor"].clear()
         print("explore", json.dumps(res), flush=True)
         results.append(res)
         save(results)                 # after every variant: a call cut short keeps what ran
