@@ -1,8 +1,11 @@
 """Memory savers of the low-memory preset (train.low_memory) that keep the computation the same:
-AdamW's weights and moments in CPU memory, and the frozen input embedding on the CPU."""
+AdamW's weights and moments in CPU memory, the frozen input embedding on the CPU, and the tensors a
+forward keeps for its backward outside the checkpointed layers (their inputs) in CPU memory."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,7 +16,8 @@ class OffloadedAdamW(torch.optim.AdamW):
     moments beside them. A step copies the (clipped) GPU gradients over, steps on the CPU and copies
     the new weights back: the GPU keeps only the weights and their gradients (for QLoRA r64 on a
     1.8B model that frees 0.55 GB of moments). The update is torch's AdamW, in fp32, as on the GPU;
-    state_dict() is AdamW's, so checkpoints resume with or without offloading."""
+    state_dict() is AdamW's, so checkpoints resume with or without offloading. The CPU step is
+    torch's fused AdamW kernel (7x its foreach form on 63M weights, 2 cores)."""
 
     def __init__(self, params: list[torch.nn.Parameter], **kw: Any):
         self.gpu_params = list(params)
@@ -23,7 +27,7 @@ class OffloadedAdamW(torch.optim.AdamW):
             m = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
             m.copy_(p.detach())
             masters.append(m)
-        super().__init__(masters, foreach=True, **kw)
+        super().__init__(masters, fused=True, **kw)
         self.masters = masters
 
     def reload_params(self) -> None:
@@ -68,3 +72,30 @@ def embedding_on_cpu(model: torch.nn.Module, device: torch.device) -> None:
 
     emb.register_forward_pre_hook(ids_to_cpu)
     emb.register_forward_hook(rows_to_gpu, prepend=True)
+
+
+@contextlib.contextmanager
+def offload_saved_tensors(device_type: str = "cuda", min_bytes: int = 1 << 20) -> Iterator[None]:
+    """Within the block, tensors autograd saves for the backward (of ``device_type``, ``min_bytes`` or
+    more, not weights) are copied to CPU memory and back when the backward needs them. Inside a
+    checkpointed layer the checkpoint's own hooks take precedence, so what moves is what lies between
+    them: each layer's input (for InternLM2-1.8B, 4 rows: 24 x 32 MB in fp32). Both copies run on the
+    current stream, so they are ordered with the kernels around them without waiting on the CPU."""
+    pin = device_type == "cuda"
+
+    def pack(t: torch.Tensor) -> Any:
+        if (t.device.type != device_type or t.numel() * t.element_size() < min_bytes
+                or isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)):
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        host.copy_(t, non_blocking=pin)
+        return (t.device, host)
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, tuple):
+            device, host = packed
+            return host.to(device, non_blocking=pin)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -34,6 +34,7 @@ from .checkpoint import clean_partial, read_trainer_state, rotate_checkpoints, s
 from .config import Recipe
 from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
 from .errors import UserError
+from .memory import offload_saved_tensors
 from .modeling import Precision, apply_liger, attach_lora, load_model, load_tokenizer, pick_precision
 from .runs import RunDirectory
 from .templates import IGNORE_INDEX, encode_prompt, resolve_template_name, stop_token_ids
@@ -227,6 +228,7 @@ class Trainer:
             from .memory import embedding_on_cpu
 
             embedding_on_cpu(model, self.device)
+            self.offload_activations = True
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.trainable)
@@ -403,6 +405,7 @@ class Trainer:
 
     _auto_rows = 0
     _first_step = 0
+    offload_activations = False          # low_memory on a GPU: the layers' inputs wait in CPU memory
     fused_lora = 0                       # LoRA layers on the fused forward (engine/fused_lora.py)
     compiled_layers: list = []           # decoder layers under torch.compile (model.compile)
 
@@ -451,7 +454,8 @@ class Trainer:
             # DDP: gradients are reduced once, after the window's last forward
             sync = self.ddp.no_sync() if self.ddp is not None and i < len(batches) - 1 else contextlib.nullcontext()
             with sync:
-                loss_sum = self._loss_sum(b)
+                with offload_saved_tensors() if self.offload_activations else contextlib.nullcontext():
+                    loss_sum = self._loss_sum(b)
                 losses.append(loss_sum.detach())
                 tokens += int(b["input_ids"].numel())
                 loss = loss_sum * scale

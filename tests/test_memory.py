@@ -42,3 +42,40 @@ def test_offloaded_adamw_steps_like_adamw_and_shares_its_state_dict():
         b[0].fill_(3.0)
     offloaded.reload_params()
     assert torch.equal(offloaded.masters[0], b[0].detach())
+
+
+def test_offloaded_saved_tensors_give_the_same_gradients_and_leave_weights_alone(monkeypatch):
+    """On the CPU the hooks are asked to move CPU tensors (to new CPU memory): what moves, and that the
+    backward gets the same values back, are what a GPU run relies on."""
+    from torch.utils.checkpoint import checkpoint
+
+    import engine.memory as memory
+
+    g = torch.Generator().manual_seed(1)
+    lin1, lin2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    x = torch.randn(32, 64, generator=g, requires_grad=True)
+
+    def run() -> list[torch.Tensor]:
+        for t in (x, *lin1.parameters(), *lin2.parameters()):
+            t.grad = None
+        h = checkpoint(lambda a: torch.tanh(lin1(a)), x, use_reentrant=False)   # saves its input only
+        y = torch.sigmoid(lin2(h) * h)                                          # saves h, lin2's out, ...
+        y.square().sum().backward()
+        return [t.grad.clone() for t in (x, *lin1.parameters(), *lin2.parameters())]
+
+    plain = run()
+    moved: list[torch.Tensor] = []
+    real_empty = torch.empty
+
+    def spy_empty(*a, **k):
+        out = real_empty(*a, **k)
+        moved.append(out)
+        return out
+
+    monkeypatch.setattr(memory.torch, "empty", spy_empty)
+    with memory.offload_saved_tensors(device_type="cpu", min_bytes=32 * 64 * 4):
+        y_grads = run()
+    assert moved and all(tuple(m.shape) == (32, 64) for m in moved)     # activations, not the 64x64 weights
+    assert len(moved) >= 3                                              # x (checkpoint's input), h, ...
+    for a, b in zip(plain, y_grads):
+        assert torch.equal(a, b)
