@@ -16,7 +16,8 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
   ddp         (--gpus 2) the same with plain PyTorch DDP
-  zero2_plain (ask with --only, --gpus 2) zero2 with DeepSpeed's overlap_comm and contiguous_gradients off
+  zero2_overlap (ask with --only, --gpus 2) zero2 with DeepSpeed's overlap_comm and contiguous_gradients on
+              (their "auto" is off for adapters: engine/trainer.py resolve_zero_auto)
   tunedeck_half  (ask with --only) one GPU on one rank's share of a --gpus step: the multi-GPU step less
               its communication
   tunedeck_eager, tunedeck_sdpa (ask with --only): tunedeck without torch.compile (and so with Liger's
@@ -351,8 +352,8 @@ def main() -> None:
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
         "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),
         "ddp": ("tp_ddp", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, None),
-        # (ask with --only) ZeRO-2 without overlap_comm / contiguous_gradients: fewer copies and syncs per gradient
-        "zero2_plain": ("tp_zero2_plain", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"],
+        # (ask with --only) ZeRO-2 with overlap_comm / contiguous_gradients on, as before their "auto"
+        "zero2_overlap": ("tp_zero2_overlap", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"],
                         args.gpus, "zero2"),
     }
     for name in only:
@@ -372,9 +373,9 @@ def main() -> None:
             work, sets, gpus, ds = plans[name]
             ds_json = REPO / "configs/deepspeed/zero2.json"
             shipped = ds_json.read_text()
-            if name == "zero2_plain":     # zero2.json changed for this run only, then put back
+            if name == "zero2_overlap":     # zero2.json changed for this run only, then put back
                 cfg = json.loads(shipped)
-                cfg["zero_optimization"].update(overlap_comm=False, contiguous_gradients=False)
+                cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
                 ds_json.write_text(json.dumps(cfg, indent=2) + "\n")
             try:
                 runs[name] = run_tunedeck(Path("/tmp/ft") / work, BASE_SETS + sets, gpus=gpus, deepspeed=ds)
@@ -401,7 +402,7 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
     def same_length(a: dict, b: dict) -> bool:   # a different step count is a different lr schedule
         return bool(a.get("loss_curve")) and len(a["loss_curve"]) == len(b.get("loss_curve") or ())
 
-    for name in ("zero2", "zero2_plain", "ddp"):
+    for name in ("zero2", "zero2_overlap", "ddp"):
         if runs.get(name, {}).get("tokens_per_s") and td.get("tokens_per_s"):
             result[f"{name}_scaling_vs_one_gpu"] = round(runs[name]["tokens_per_s"] / td["tokens_per_s"], 2)
             if same_length(runs[name], td):

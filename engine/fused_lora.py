@@ -37,9 +37,24 @@ def _dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     absmax = getattr(w, "_tunedeck_absmax", None)
     if absmax is None:
         absmax = _block_scales(w)
+    code = getattr(w, "_tunedeck_code", None)
+    if code is not None and torch.compiler.is_compiling():
+        # in a compiled layer: the same arithmetic as torch operations, which the compiler fuses into one
+        # kernel launched with the layer's others, instead of a call out to bitsandbytes' (Python) op
+        return dequantize_4bit(w.data, absmax, code, state.blocksize, state.shape, state.dtype).to(dtype)
     out = torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax, state.blocksize, state.quant_type,
                                                          state.shape, state.dtype)
     return out.to(dtype)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization (nf4 or fp4: ``code`` is the 16-value table) in torch
+    operations: two values a byte, high nibble first, each block of ``blocksize`` times its scale, the
+    product rounded once to ``dtype`` -- bit for bit bitsandbytes' result (tests/test_fused_lora.py)."""
+    p = packed.reshape(-1)
+    idx = torch.stack((p >> 4, p & 15), dim=-1).reshape(-1).long()
+    return (code[idx].view(-1, blocksize) * absmax.view(-1, 1)).to(dtype).view(shape)
 
 
 def _block_scales(w: torch.Tensor) -> torch.Tensor:
@@ -145,8 +160,11 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
                 continue
             if getattr(base.weight, "SCB", None) is not None or type(base).__name__ == "Linear8bitLt":
                 continue                                     # 8-bit weights: peft's path
-            if getattr(base.weight, "quant_state", None) is not None:
+            state = getattr(base.weight, "quant_state", None)
+            if state is not None:
                 base.weight._tunedeck_absmax = _block_scales(base.weight)
+                if state.code is not None and state.code.numel() == 16 and state.shape.numel() % state.blocksize == 0:
+                    base.weight._tunedeck_code = state.code.float()      # the compiled layers' dequantization
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             n += 1

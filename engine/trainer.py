@@ -63,6 +63,19 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, start_factor: float = 1
     return factor
 
 
+def resolve_zero_auto(cfg: dict, adapters: bool) -> dict:
+    """ZeRO's ``"auto"`` overlap_comm / contiguous_gradients: off when only adapters train. Their
+    gradients are small (QLoRA r64 on InternLM2-1.8B: 336 tensors, 63M values), so the per-gradient
+    copies into a contiguous bucket and the stream syncs of overlapping cost more than they hide: 2x
+    H200, ZeRO-2, 30 steps: 49,567 tokens/s at 8.87 GiB with both on, 56,297 at 5.21 GiB with both off,
+    the same curve. A full fine-tune gets DeepSpeed's usual true. A value set in the JSON is kept."""
+    zero = cfg.get("zero_optimization", {})
+    for key in ("overlap_comm", "contiguous_gradients"):
+        if zero.get(key) == "auto":
+            zero[key] = not adapters
+    return cfg
+
+
 class Trainer:
     find_unused_parameters = False       # DDP: every trainable weight gets a gradient every step
     chunked_loss_ok = True               # the decoder + chunked cross-entropy path fits this model family
@@ -272,6 +285,7 @@ class Trainer:
         # (its torch_autocast section; its own bf16 mode would cast the 4-bit modules), with
         # gradients reduced in fp32; fp16 GPUs: DeepSpeed's fp16 with dynamic loss scaling.
         cfg["bf16"] = {"enabled": False}
+        resolve_zero_auto(cfg, adapters=self.n_trainable < 0.05 * self.n_params)
         cfg.setdefault("fp16", {})["enabled"] = self.precision.amp == "fp16"
         if self.precision.amp == "bf16":
             cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}

@@ -124,3 +124,18 @@ def test_fused_4bit_layer_adds_a_small_adapter_output_in_the_inputs_dtype_as_pef
     got = out()
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=0, atol=1e-3 * float(delta.abs().max()))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_torch_dequantization_is_bitsandbytes_bit_for_bit(quant_type):
+    """The compiled layers dequantize with torch operations; they must give bitsandbytes' weights."""
+    import bitsandbytes.functional as bnbf
+
+    from engine.fused_lora import dequantize_4bit
+
+    w = torch.randn(256, 192, generator=torch.Generator().manual_seed(0))
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    for dtype in (torch.bfloat16, torch.float32):
+        ref = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, quant_type, state.shape, dtype)
+        assert torch.equal(dequantize_4bit(packed, absmax, state.code.float(), 64, state.shape, dtype), ref)

@@ -81,3 +81,20 @@ def test_two_process_data_parallel_matches_one_process(workspace, loss):
     assert run_cli("train", "demo.yaml", "--work-dir", "single", "--set", "batch_size=2", *common) == 0
     assert curve(workspace / "ddp") == pytest.approx(curve(workspace / "single"), rel=1e-4)
     assert RunDirectory(workspace / "ddp").latest_checkpoint().name == "checkpoint-3"
+
+
+def test_zero_auto_comm_settings_follow_what_trains():
+    """configs/deepspeed/zero2.json leaves overlap_comm / contiguous_gradients to the trainer: off for
+    adapters (small gradients), on for a full fine-tune; a value written in the JSON stays."""
+    import json
+
+    from engine import catalogue
+    from engine.trainer import resolve_zero_auto
+
+    shipped = json.loads(catalogue.deepspeed_config_path("zero2").read_text())
+    lora = resolve_zero_auto(json.loads(json.dumps(shipped)), adapters=True)["zero_optimization"]
+    full = resolve_zero_auto(json.loads(json.dumps(shipped)), adapters=False)["zero_optimization"]
+    assert (lora["overlap_comm"], lora["contiguous_gradients"]) == (False, False)
+    assert (full["overlap_comm"], full["contiguous_gradients"]) == (True, True)
+    mine = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
+    assert resolve_zero_auto(mine, adapters=True)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
