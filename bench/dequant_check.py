@@ -19,4 +19,5 @@ for qt in ("nf4", "fp4"):
     for dt in (torch.bfloat16, torch.float32):
         ref = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, qt, st.shape, dt)
         got = fn(packed, absmax, st.code.float(), 64, st.shape, dt)
-        print(f"dequant {qt} {dt}: equal={torch.equal(got, ref)} max_abs_diff={(got.float() - ref.float()).abs().max().item()}")
+        diff = (got.float() - ref.float()).abs().max().item()
+        print(f"dequant {qt} {dt}: equal={torch.equal(got, ref)} max_abs_diff={diff}")
