@@ -285,7 +285,7 @@ class Trainer:
         # (its torch_autocast section; its own bf16 mode would cast the 4-bit modules), with
         # gradients reduced in fp32; fp16 GPUs: DeepSpeed's fp16 with dynamic loss scaling.
         cfg["bf16"] = {"enabled": False}
-        resolve_zero_auto(cfg, adapters=self.n_trainable < 0.05 * self.n_params)
+        resolve_zero_auto(cfg, adapters=self.recipe.lora.enabled)
         cfg.setdefault("fp16", {})["enabled"] = self.precision.amp == "fp16"
         if self.precision.amp == "bf16":
             cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
