@@ -145,8 +145,9 @@ class TrainSection(_Section):
                     "while it does not fit in memory; batch_size on the CPU.")
     low_memory: bool = Field(
         False, description="One switch for small GPUs, the same math: 4 rows per forward, the loss in 128-token "
-                           "chunks, AdamW's fp32 weights and moments in CPU memory, the input embedding on the CPU "
-                           "(about 3 GiB for QLoRA r64 on a 1.8B model, at a third of the default speed).")
+                           "chunks, AdamW's fp32 weights and moments in CPU memory, the input embedding on the CPU, "
+                           "each layer's input in CPU memory from forward to backward (2.6 GiB for QLoRA r64 on a "
+                           "1.8B model, at about a third of the default speed).")
     loss_chunk_tokens: int = Field(
         0, ge=0, le=1_048_576,
         description="The loss is taken from hidden states this many target tokens at a time (the fp32 "
