@@ -371,16 +371,17 @@ def main() -> None:
                           else {"error": (proc.stdout + proc.stderr)[-3000:]})
         elif name in plans and (plans[name][2] > 1 or not name.startswith(("zero", "ddp"))):
             work, sets, gpus, ds = plans[name]
-            ds_json = REPO / "configs/deepspeed/zero2.json"
-            shipped = ds_json.read_text()
+            ds_json, shipped = REPO / "configs/deepspeed/zero2.json", None
             if name == "zero2_overlap":     # zero2.json changed for this run only, then put back
+                shipped = ds_json.read_text()
                 cfg = json.loads(shipped)
                 cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
                 ds_json.write_text(json.dumps(cfg, indent=2) + "\n")
             try:
                 runs[name] = run_tunedeck(Path("/tmp/ft") / work, BASE_SETS + sets, gpus=gpus, deepspeed=ds)
             finally:
-                ds_json.write_text(shipped)
+                if shipped is not None:
+                    ds_json.write_text(shipped)
             for prof in sorted((Path("/tmp/ft") / work / "profile").glob("*.txt")):
                 for d in out_dirs[1:]:                 # the full tables go to $OUT only
                     (d / f"profile_{name}_{prof.name}").write_text(prof.read_text())
