@@ -9,13 +9,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-from engine.fused_lora import dequantize_4bit  # noqa: E402
+from engine.fused_lora import block_scales, dequantize_4bit  # noqa: E402
 
 fn = torch.compile(dequantize_4bit, dynamic=True)
 for qt in ("nf4", "fp4"):
     w = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0))
     packed, st = bnbf.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=True)
-    absmax = (bnbf.dequantize_blockwise(st.absmax, st.state2) + st.offset).float()
+    absmax = block_scales(st)
     for dt in (torch.bfloat16, torch.float32):
         ref = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, qt, st.shape, dt)
         got = fn(packed, absmax, st.code.float(), 64, st.shape, dt)

@@ -36,7 +36,7 @@ def _dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return w.to(dtype)
     absmax = getattr(w, "_tunedeck_absmax", None)
     if absmax is None:
-        absmax = _block_scales(w)
+        absmax = block_scales(state)
     code = getattr(w, "_tunedeck_code", None)
     if code is not None and torch.compiler.is_compiling():
         # in a compiled layer: the same arithmetic as torch operations, which the compiler fuses into one
@@ -57,9 +57,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return (code[idx].view(-1, blocksize) * absmax.view(-1, 1)).to(dtype).view(shape)
 
 
-def _block_scales(w: torch.Tensor) -> torch.Tensor:
-    """A 4-bit weight's per-block scales in fp32 (double quantization undone)."""
-    state = w.quant_state
+def block_scales(state: Any) -> torch.Tensor:
+    """A 4-bit weight's per-block scales in fp32 (double quantization undone), from its quant_state."""
     if not state.nested:
         return state.absmax
     import bitsandbytes.functional as bnbf
@@ -162,7 +161,7 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
                 continue                                     # 8-bit weights: peft's path
             state = getattr(base.weight, "quant_state", None)
             if state is not None:
-                base.weight._tunedeck_absmax = _block_scales(base.weight)
+                base.weight._tunedeck_absmax = block_scales(state)
                 if state.code is not None and state.code.numel() == 16 and state.shape.numel() % state.blocksize == 0:
                     base.weight._tunedeck_code = state.code.float()      # the compiled layers' dequantization
             module._peft_forward = module.forward

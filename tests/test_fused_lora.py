@@ -131,11 +131,11 @@ def test_torch_dequantization_is_bitsandbytes_bit_for_bit(quant_type):
     """The compiled layers dequantize with torch operations; they must give bitsandbytes' weights."""
     import bitsandbytes.functional as bnbf
 
-    from engine.fused_lora import dequantize_4bit
+    from engine.fused_lora import block_scales, dequantize_4bit
 
     w = torch.randn(256, 192, generator=torch.Generator().manual_seed(0))
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
-    absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    absmax = block_scales(state)
     for dtype in (torch.bfloat16, torch.float32):
         ref = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, quant_type, state.shape, dtype)
         assert torch.equal(dequantize_4bit(packed, absmax, state.code.float(), 64, state.shape, dtype), ref)
