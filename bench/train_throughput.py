@@ -169,6 +169,7 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
     cpp_wrapper (bool, with mode: inductor's C++ wrapper launches the kernels instead of Python),
     skip_guards (bool: dynamo's skip_guard_eval_unsafe for this variant)."""
     import torch
+    from torch._dynamo.utils import counters
 
     from engine.modeling import compile_decoder_layers, uncompile
     from engine.runs import RunDirectory
@@ -233,7 +234,6 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
         except Exception as e:        # out of memory, a CUDA-graph or compile failure: noted, the next variant runs
             t.optimizer.zero_grad(set_to_none=True)
             res = {**v, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        from torch._dynamo.utils import counters
         # CUDA graphs skipped (and why) or taken: the reason a reduce-overhead variant is no faster
         res["inductor_counters"] = {k: n for k, n in counters["inductor"].items() if "cudagraph" in k}
         counters["inductor"].clear()
