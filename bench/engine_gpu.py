@@ -73,6 +73,8 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
                    median_step_s=round(statistics.median(m["step_time_s"] for m in steady), 3),
                    peak_mem_gib=round(max(m["gpu_mem_gib"] for m in metrics), 2),
                    first_step_s=round(metrics[0]["step_time_s"], 1),     # compilation included
+                   max_step_s=round(max(m["step_time_s"] for m in steady), 3),
+                   step_times_s=[m["step_time_s"] for m in steady],
                    loss_first=metrics[0]["loss"], loss_last=metrics[-1]["loss"],
                    loss_curve=[m["loss"] for m in metrics], grad_norm_curve=[m.get("grad_norm") for m in metrics])
     if returncode != 0:
@@ -85,8 +87,10 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
     return res
 
 
-def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | None = None) -> dict:
-    """`tunedeck train` on the seed recipe with these --set overrides, summarized from its run directory."""
+def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | None = None,
+                 env: dict | None = None) -> dict:
+    """`tunedeck train` on the seed recipe with these --set overrides (and environment variables),
+    summarized from its run directory."""
     cmd = [sys.executable, "-m", "engine.cli", "train", str(RECIPE), "--work-dir", str(work)]
     for kv in sets:
         cmd += ["--set", kv]
@@ -95,10 +99,12 @@ def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | No
     if deepspeed:
         cmd += ["--deepspeed", deepspeed]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})
     res = summarize(work, proc.returncode, time.time() - t0, proc.stdout + proc.stderr)
     res["settings"] = (list(sets) + ([f"--gpus {gpus}"] if gpus > 1 else [])
-                       + ([f"--deepspeed {deepspeed}"] if deepspeed else []))
+                       + ([f"--deepspeed {deepspeed}"] if deepspeed else [])
+                       + [f"{k}={v}" for k, v in (env or {}).items()])
     return res
 
 

@@ -19,7 +19,8 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   zero2_overlap (ask with --only, --gpus 2) zero2 with DeepSpeed's overlap_comm and contiguous_gradients on
               (their "auto" is off for adapters: engine/trainer.py resolve_zero_auto)
   tunedeck_half  (ask with --only) one GPU on one rank's share of a --gpus step: the multi-GPU step less
-              its communication
+              its communication; tunedeck_half_pygc the same with Python's own garbage-collection
+              schedule (TUNEDECK_PYTHON_GC=1); zero2_one the same under DeepSpeed ZeRO-2 on one GPU
   tunedeck_eager, tunedeck_sdpa (ask with --only): tunedeck without torch.compile (and so with Liger's
               kernels), with SDPA instead of FlexAttention -- one lever each
   plain_fused, plain_flex (ask with --only): tunedeck_plain with the fused LoRA layers, with FlexAttention
@@ -52,6 +53,9 @@ from engine_gpu import MODEL, RECIPE, REPO, build_data, build_model, run_baselin
 DATA = Path("/tmp/ft/data/personal_assistant.json")
 BASE_SETS = [f"model.path={MODEL}", "model.trust_remote_code=false", f"data.data_path={DATA}",
              "save_steps=100000", "evaluation_inputs=[]"]
+
+
+MULTI_GPU = ("zero2", "ddp", "zero2_overlap")     # runs of --gpus GPUs: left out when it is 1
 
 
 def _recipe(extra: list[str]):
@@ -167,10 +171,15 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
     for CUDA graphs; inside: true puts each layer's checkpoint inside its compiled graph, rng: true with it
     recomputes dropout from its Philox state; stays on),
     cpp_wrapper (bool, with mode: inductor's C++ wrapper launches the kernels instead of Python),
-    skip_guards (bool: dynamo's skip_guard_eval_unsafe for this variant)."""
+    skip_guards (bool: dynamo's skip_guard_eval_unsafe for this variant), gc ("python": Python's own
+    collector schedule; else the trainer's StepCollector, collections between steps)."""
+    import gc
+    import statistics
+
     import torch
     from torch._dynamo.utils import counters
 
+    from engine.collector import StepCollector
     from engine.modeling import compile_decoder_layers, uncompile
     from engine.runs import RunDirectory
     from engine.trainer import Trainer
@@ -209,8 +218,20 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times = []
+        gc_s = [0.0, 0.0]       # time in Python's collector (start mark, total), from gc.callbacks
+
+        def gc_note(phase: str, info: dict, gc_s=gc_s) -> None:
+            if phase == "start":
+                gc_s[0] = time.perf_counter()
+            else:
+                gc_s[1] += time.perf_counter() - gc_s[0]
+
+        os.environ["TUNEDECK_PYTHON_GC"] = "1" if v.get("gc") == "python" else ""
+        collector = StepCollector()
+        gc.callbacks.append(gc_note)
         try:
             tokens = 0
+            collector.__enter__()
             for s in range(v.get("steps", 5) + 2 + bool(v.get("profile"))):
                 batches = t._window(0, window % t.steps_per_epoch)[:v.get("acc")]   # acc: a shorter window
                 window += 1
@@ -224,16 +245,24 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
                         prof.replace(out_dir / f"profile_{v['name']}.txt")
                     continue
                 t._train_step(batches)
+                collector.step()
                 torch.cuda.synchronize()
+                if s == 1:
+                    gc_s[1] = 0.0
                 if s >= 2:
                     times.append(time.perf_counter() - t0)
                     tokens += sum(int(b["input_ids"].numel()) for b in batches)
             res = {**v, "tokens_per_s": round(tokens / sum(times)),
                    "step_s": round(sum(times) / len(times), 3),
+                   "median_step_s": round(statistics.median(times), 3), "max_step_s": round(max(times), 3),
+                   "gc_s_per_step": round(gc_s[1] / len(times), 4), "step_times_s": [round(x, 3) for x in times],
                    "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         except Exception as e:        # out of memory, a CUDA-graph or compile failure: noted, the next variant runs
             t.optimizer.zero_grad(set_to_none=True)
             res = {**v, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        finally:
+            collector.__exit__()
+            gc.callbacks.remove(gc_note)
         # CUDA graphs skipped (and why) or taken: the reason a reduce-overhead variant is no faster
         res["inductor_counters"] = {k: n for k, n in counters["inductor"].items() if "cudagraph" in k}
         counters["inductor"].clear()
@@ -334,7 +363,7 @@ def main() -> None:
                               "random-init InternLM2-1.8B shape", "runs": {}}
     runs: dict = result["runs"]
     acc2 = str(16 // max(1, args.gpus))
-    plans = {  # name: (work dir, overrides, gpus, deepspeed)
+    plans = {  # name: (work dir, overrides, gpus, deepspeed[, environment])
         "tunedeck": ("tp_default", [f"max_steps={args.steps}"], 1, None),
         # levers one by one, each in its own process (without compile, Liger's kernels are on by default)
         "tunedeck_eager": ("tp_eager", [f"max_steps={args.steps}", "model.compile=off"], 1, None),
@@ -344,6 +373,11 @@ def main() -> None:
                                         "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
         # one GPU on one rank's share of a 2-GPU step (half the window): the multi-GPU runs less their communication
         "tunedeck_half": ("tp_half", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], 1, None),
+        # the same with Python's own garbage-collection schedule (engine/collector.py off)
+        "tunedeck_half_pygc": ("tp_half_pygc", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"],
+                               1, None, {"TUNEDECK_PYTHON_GC": "1"}),
+        # one rank's share under DeepSpeed ZeRO-2 on one GPU: DeepSpeed's own cost, without a peer
+        "zero2_one": ("tp_zero2_one", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], 1, "zero2"),
         # tunedeck_plain plus one lever: which of them moves the curve
         "plain_fused": ("tp_plain_fused", [f"max_steps={args.steps}", "model.fused_lora=on", "model.liger_kernels=off",
                                            "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
@@ -369,8 +403,8 @@ def main() -> None:
                                   cwd=REPO, capture_output=True, text=True, timeout=900)
             runs[name] = (json.loads(ref_out.read_text()) if proc.returncode == 0
                           else {"error": (proc.stdout + proc.stderr)[-3000:]})
-        elif name in plans and (plans[name][2] > 1 or not name.startswith(("zero", "ddp"))):
-            work, sets, gpus, ds = plans[name]
+        elif name in plans and (args.gpus > 1 or name not in MULTI_GPU):
+            work, sets, gpus, ds, *env = plans[name]
             ds_json, shipped = REPO / "configs/deepspeed/zero2.json", None
             if name == "zero2_overlap":     # zero2.json changed for this run only, then put back
                 shipped = ds_json.read_text()
@@ -378,7 +412,8 @@ def main() -> None:
                 cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
                 ds_json.write_text(json.dumps(cfg, indent=2) + "\n")
             try:
-                runs[name] = run_tunedeck(Path("/tmp/ft") / work, BASE_SETS + sets, gpus=gpus, deepspeed=ds)
+                runs[name] = run_tunedeck(Path("/tmp/ft") / work, BASE_SETS + sets, gpus=gpus, deepspeed=ds,
+                                          env=env[0] if env else None)
             finally:
                 if shipped is not None:
                     ds_json.write_text(shipped)

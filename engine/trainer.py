@@ -12,6 +12,7 @@ as one big batch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import logging
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from . import catalogue
 from .checkpoint import clean_partial, read_trainer_state, rotate_checkpoints, save_checkpoint, set_rng_state
+from .collector import StepCollector
 from .config import Recipe
 from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
 from .errors import UserError
@@ -441,6 +443,7 @@ class Trainer:
                                     "set train.rows_per_forward lower (e.g. "
                                     f"{max(self.recipe.train.batch_size, k // 2)})") from None
                 self.optimizer.zero_grad(set_to_none=True)
+                gc.collect()                   # the failed forward's frames (the collector is off in steps)
                 torch.cuda.empty_cache()
                 self._auto_rows = max(self.recipe.train.batch_size, k // 2)
                 log.info("rows per forward: %d did not fit in GPU memory, trying %d", k, self._auto_rows)
@@ -517,32 +520,34 @@ class Trainer:
         saved_at = self.pos.step if self.resume_from else -1
         acc = r.train.accumulative_counts
         windows_per_epoch = math.ceil(self.micro_per_epoch / acc)
-        while self.pos.step < self.total_steps:
-            if self.pos.window >= windows_per_epoch:
-                self.pos.epoch += 1
-                self.pos.window = 0
-            batches = self._window(self.pos.epoch, self.pos.window)
-            ts = time.time()
-            profiled = self.pos.step + 1 == self.profile_step
-            step_fn = self._profiled_step if profiled else self._train_step
-            loss, grad_norm, tokens = step_fn(batches)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.time() - ts
-            step_times.append(dt)
-            self.pos.window += 1
-            self.pos.step += 1
-            lr = self.scheduler.get_last_lr()[0]
-            self._on_step(loss, lr, grad_norm, tokens, dt, step_times, profiled=profiled)
-            if self.pos.step % r.train.save_steps == 0 and self.pos.step < self.total_steps:
-                self.save()
-                saved_at = self.pos.step
-            if (r.train.evaluation_freq and self.pos.step % r.train.evaluation_freq == 0
-                    and self.pos.step < self.total_steps and r.train.evaluation_inputs):
-                self.evaluate()
-            if self._stop_now():
-                state = "stopped"
-                break
+        with StepCollector() as collector:    # Python's collector between steps, not inside them
+            while self.pos.step < self.total_steps:
+                if self.pos.window >= windows_per_epoch:
+                    self.pos.epoch += 1
+                    self.pos.window = 0
+                batches = self._window(self.pos.epoch, self.pos.window)
+                ts = time.time()
+                profiled = self.pos.step + 1 == self.profile_step
+                step_fn = self._profiled_step if profiled else self._train_step
+                loss, grad_norm, tokens = step_fn(batches)
+                collector.step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.time() - ts
+                step_times.append(dt)
+                self.pos.window += 1
+                self.pos.step += 1
+                lr = self.scheduler.get_last_lr()[0]
+                self._on_step(loss, lr, grad_norm, tokens, dt, step_times, profiled=profiled)
+                if self.pos.step % r.train.save_steps == 0 and self.pos.step < self.total_steps:
+                    self.save()
+                    saved_at = self.pos.step
+                if (r.train.evaluation_freq and self.pos.step % r.train.evaluation_freq == 0
+                        and self.pos.step < self.total_steps and r.train.evaluation_inputs):
+                    self.evaluate()
+                if self._stop_now():
+                    state = "stopped"
+                    break
         if saved_at != self.pos.step:
             self.save()
         if state == "finished" and r.train.evaluation_inputs:

@@ -79,3 +79,48 @@ def test_offloaded_saved_tensors_give_the_same_gradients_and_leave_weights_alone
     assert len(moved) >= 3                                              # x (checkpoint's input), h, ...
     for a, b in zip(plain, y_grads):
         assert torch.equal(a, b)
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _step_with_cycles(n: int = 5000) -> list:
+    """A step's worth of allocations: objects that only the cyclic collector can free."""
+    import weakref
+
+    return [weakref.ref(_Cycle()) for _ in range(n)]
+
+
+def test_step_collector_collects_between_steps_not_inside_them(monkeypatch):
+    import gc
+
+    from engine.collector import StepCollector
+
+    started: list[int] = []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(note)
+    try:
+        with StepCollector(full_every=3) as c:
+            assert not gc.isenabled() and gc.get_freeze_count() > 0
+            for step in range(1, 7):
+                started.clear()
+                probes = _step_with_cycles()
+                assert started == []                      # nothing ran inside the step
+                c.step()
+                assert all(p() is None for p in probes)   # its cycles are freed right after it
+                assert started == ([2] if step in (1, 3, 6) else [1])
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+
+        monkeypatch.setenv("TUNEDECK_PYTHON_GC", "1")     # the opt-out: Python's own schedule
+        started.clear()
+        with StepCollector() as c:
+            _step_with_cycles()
+            assert started                                # collections inside the "step"
+    finally:
+        gc.callbacks.remove(note)
