@@ -64,14 +64,31 @@ def embedding_on_cpu(model: torch.nn.Module, device: torch.device) -> None:
         return
     emb.to("cpu")
 
-    def ids_to_cpu(_m: Any, args: tuple) -> tuple:
-        return (args[0].to("cpu"), *args[1:])
+    def ids_to_table(m: Any, args: tuple) -> tuple:
+        return (args[0].to(m.weight.device), *args[1:])
 
     def rows_to_gpu(_m: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
         return out.to(device, non_blocking=True)
 
-    emb.register_forward_pre_hook(ids_to_cpu)
+    emb.register_forward_pre_hook(ids_to_table)
     emb.register_forward_hook(rows_to_gpu, prepend=True)
+
+
+@contextlib.contextmanager
+def embedding_on(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """The input embedding on ``device`` within the block (then back where it was): transformers'
+    generate() moves its inputs to the device of the model's first weight, which is the embedding --
+    on the CPU, position ids would meet the GPU's rotary tables there."""
+    emb = model.get_input_embeddings()
+    home = emb.weight.device if emb is not None else device
+    if home == device:
+        yield
+        return
+    emb.to(device)
+    try:
+        yield
+    finally:
+        emb.to(home)
 
 
 @contextlib.contextmanager

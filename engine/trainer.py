@@ -36,7 +36,7 @@ from .collector import StepCollector
 from .config import Recipe
 from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
 from .errors import UserError
-from .memory import offload_saved_tensors
+from .memory import embedding_on, offload_saved_tensors
 from .modeling import Precision, apply_liger, attach_lora, load_model, load_tokenizer, pick_precision
 from .runs import RunDirectory
 from .templates import IGNORE_INDEX, encode_prompt, resolve_template_name, stop_token_ids
@@ -711,16 +711,17 @@ class Trainer:
         was_training = model.training
         model.eval()
         out = []
-        for i, prompt in enumerate(self.recipe.train.evaluation_inputs):
-            # generation runs the layers eagerly: token-by-token shapes would only make the compiler recompile
-            eager = torch.compiler.set_stance("force_eager") if self.compiled_layers else contextlib.nullcontext()
-            with eager, torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
-                                       enabled=self.precision.autocast_dtype is not None):
-                answer, extra = self._eval_answer(model, i, prompt)
-            rec = {"step": self.pos.step, "prompt": prompt, "answer": answer, **extra, "time": time.time()}
-            out.append(rec)
-            log.info("eval @%d  %s -> %s%s", self.pos.step, prompt, answer,
-                     "".join(f"  ({k}: {v})" for k, v in extra.items() if v))
+        with embedding_on(model, self.device):       # low_memory keeps it on the CPU for training
+            for i, prompt in enumerate(self.recipe.train.evaluation_inputs):
+                # generation runs the layers eagerly: token-by-token shapes would make the compiler recompile
+                eager = torch.compiler.set_stance("force_eager") if self.compiled_layers else contextlib.nullcontext()
+                with eager, torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
+                                           enabled=self.precision.autocast_dtype is not None):
+                    answer, extra = self._eval_answer(model, i, prompt)
+                rec = {"step": self.pos.step, "prompt": prompt, "answer": answer, **extra, "time": time.time()}
+                out.append(rec)
+                log.info("eval @%d  %s -> %s%s", self.pos.step, prompt, answer,
+                         "".join(f"  ({k}: {v})" for k, v in extra.items() if v))
         with open(self.run.evals_path, "a", encoding="utf-8") as f:
             for rec in out:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")

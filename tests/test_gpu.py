@@ -73,3 +73,6 @@ def test_low_memory_preset_trains_the_default_curve(workspace):
     # (other row groupings and loss chunks: bf16 matmuls of other shapes round differently)
     assert len(low) == 6 and low == pytest.approx(default, rel=1e-2)
     assert low[-1] < low[0]
+    # evaluation generates with the embedding back on the GPU: before training, the default run's answers
+    answers = [[e["answer"] for e in RunDirectory(workspace / d).evals()] for d in ("default", "low")]
+    assert len(answers[1]) == 4 and answers[1][:2] == answers[0][:2]
