@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
     metrics = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()] if (
         work / "metrics.jsonl").exists() else []
     status = json.loads((work / "status.json").read_text()) if (work / "status.json").exists() else {}
-    steady = [m for m in metrics if m["step"] > 3 and not m.get("profiled")]
+    steady = [m for m in metrics if m["step"] > 3 and not m.get("profiled")] if returncode == 0 else []
     res = {"returncode": returncode, "state": status.get("state"), "error": status.get("error"),
            "steps": len(metrics), "wall_s": round(wall, 1) if wall else None}
     if steady:
@@ -98,6 +99,7 @@ def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | No
         cmd += ["--gpus", str(gpus)]
     if deepspeed:
         cmd += ["--deepspeed", deepspeed]
+    shutil.rmtree(work, ignore_errors=True)     # the bench's own scratch run: a new run, never an old one's figures
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, **(env or {})})

@@ -18,9 +18,10 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   ddp         (--gpus 2) the same with plain PyTorch DDP
   zero2_overlap (ask with --only, --gpus 2) zero2 with DeepSpeed's overlap_comm and contiguous_gradients on
               (their "auto" is off for adapters: engine/trainer.py resolve_zero_auto)
-  tunedeck_half  (ask with --only) one GPU on one rank's share of a --gpus step: the multi-GPU step less
-              its communication; tunedeck_half_pygc the same with Python's own garbage-collection
-              schedule (TUNEDECK_PYTHON_GC=1); zero2_one the same under DeepSpeed ZeRO-2 on one GPU
+  tunedeck_half  (ask with --only) one GPU on one rank's share of a --gpus step (of 2 GPUs when --gpus
+              is 1): the multi-GPU step less its communication; tunedeck_half_pygc the same with Python's
+              own garbage-collection schedule (TUNEDECK_PYTHON_GC=1); zero2_one the same under DeepSpeed
+              ZeRO-2 on one GPU
   tunedeck_eager, tunedeck_sdpa (ask with --only): tunedeck without torch.compile (and so with Liger's
               kernels), with SDPA instead of FlexAttention -- one lever each
   plain_fused, plain_flex (ask with --only): tunedeck_plain with the fused LoRA layers, with FlexAttention
@@ -363,6 +364,7 @@ def main() -> None:
                               "random-init InternLM2-1.8B shape", "runs": {}}
     runs: dict = result["runs"]
     acc2 = str(16 // max(1, args.gpus))
+    share = str(16 // max(2, args.gpus))     # one rank's share of a multi-GPU step (of 2 GPUs when --gpus 1)
     plans = {  # name: (work dir, overrides, gpus, deepspeed[, environment])
         "tunedeck": ("tp_default", [f"max_steps={args.steps}"], 1, None),
         # levers one by one, each in its own process (without compile, Liger's kernels are on by default)
@@ -372,12 +374,12 @@ def main() -> None:
         "tunedeck_plain": ("tp_plain", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
                                         "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
         # one GPU on one rank's share of a 2-GPU step (half the window): the multi-GPU runs less their communication
-        "tunedeck_half": ("tp_half", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], 1, None),
+        "tunedeck_half": ("tp_half", [f"max_steps={args.multi_steps}", f"accumulative_counts={share}"], 1, None),
         # the same with Python's own garbage-collection schedule (engine/collector.py off)
-        "tunedeck_half_pygc": ("tp_half_pygc", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"],
+        "tunedeck_half_pygc": ("tp_half_pygc", [f"max_steps={args.multi_steps}", f"accumulative_counts={share}"],
                                1, None, {"TUNEDECK_PYTHON_GC": "1"}),
         # one rank's share under DeepSpeed ZeRO-2 on one GPU: DeepSpeed's own cost, without a peer
-        "zero2_one": ("tp_zero2_one", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], 1, "zero2"),
+        "zero2_one": ("tp_zero2_one", [f"max_steps={args.multi_steps}", f"accumulative_counts={share}"], 1, "zero2"),
         # tunedeck_plain plus one lever: which of them moves the curve
         "plain_fused": ("tp_plain_fused", [f"max_steps={args.steps}", "model.fused_lora=on", "model.liger_kernels=off",
                                            "model.attn_implementation=sdpa", "model.compile=off"], 1, None),
