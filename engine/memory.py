@@ -79,7 +79,8 @@ def embedding_on(model: torch.nn.Module, device: torch.device) -> Iterator[None]
     """The input embedding on ``device`` within the block (then back where it was): transformers'
     generate() moves its inputs to the device of the model's first weight, which is the embedding --
     on the CPU, position ids would meet the GPU's rotary tables there."""
-    emb = model.get_input_embeddings()
+    get = getattr(model, "get_input_embeddings", None)     # (LLaVA's model keeps its embedding elsewhere)
+    emb = get() if get is not None else None
     home = emb.weight.device if emb is not None else device
     if home == device:
         yield
