@@ -2,13 +2,14 @@
 
 Left to itself it runs whenever enough container objects were allocated: a young collection every
 700, dozens of them inside each step (3.5 ms of an H200 step at 8 rows), and now and then a full one
-that walks every object the process holds -- with torch, transformers, peft and bitsandbytes imported
-about 456,000, 0.43 s on a 2-core box -- in the middle of a step. Under data parallelism a pause on one rank stalls the others at the next
-collective, so it costs every rank. StepCollector freezes what setup built (and, after the first step,
-what compiling it built) out of the collector's sight, keeps the automatic collector off inside steps,
-and collects between steps, at the same step on every rank: the young generations after each step, a
-full pass over what the loop itself keeps every `full_every` steps. Nothing is leaked that the
-automatic collector would have freed, save cycles among objects alive at a freeze that die later."""
+that walks every object the process holds -- with torch, transformers, peft and bitsandbytes
+imported about 456,000, 0.43 s on a 2-core box -- in the middle of a step. Under data parallelism a
+pause on one rank stalls the others at the next collective, so it costs every rank. StepCollector
+freezes what setup built (and, after the first step, what compiling it built) out of the collector's
+sight, keeps the automatic collector off inside steps, and collects between steps, at the same step
+on every rank: the young generations after each step, a full pass over what the loop itself keeps
+every `full_every` steps. Nothing is leaked that the automatic collector would have freed, save
+cycles among objects alive at a freeze that die later."""
 
 from __future__ import annotations
 
