@@ -227,32 +227,30 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
             else:
                 gc_s[1] += time.perf_counter() - gc_s[0]
 
-        os.environ["TUNEDECK_PYTHON_GC"] = "1" if v.get("gc") == "python" else ""
-        collector = StepCollector()
         gc.callbacks.append(gc_note)
         try:
             tokens = 0
-            collector.__enter__()
-            for s in range(v.get("steps", 5) + 2 + bool(v.get("profile"))):
-                batches = t._window(0, window % t.steps_per_epoch)[:v.get("acc")]   # acc: a shorter window
-                window += 1
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                if mode == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()
-                if v.get("profile") and s == 2:            # the profiled step is not timed
-                    t._profiled_step(batches)
-                    for prof in (t.run.path / "profile").glob("*.txt"):
-                        prof.replace(out_dir / f"profile_{v['name']}.txt")
-                    continue
-                t._train_step(batches)
-                collector.step()
-                torch.cuda.synchronize()
-                if s == 1:
-                    gc_s[1] = 0.0
-                if s >= 2:
-                    times.append(time.perf_counter() - t0)
-                    tokens += sum(int(b["input_ids"].numel()) for b in batches)
+            with StepCollector(active=v.get("gc") != "python") as collector:
+                for s in range(v.get("steps", 5) + 2 + bool(v.get("profile"))):
+                    batches = t._window(0, window % t.steps_per_epoch)[:v.get("acc")]   # acc: a shorter window
+                    window += 1
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    if mode == "reduce-overhead":
+                        torch.compiler.cudagraph_mark_step_begin()
+                    if v.get("profile") and s == 2:            # the profiled step is not timed
+                        t._profiled_step(batches)
+                        for prof in (t.run.path / "profile").glob("*.txt"):
+                            prof.replace(out_dir / f"profile_{v['name']}.txt")
+                        continue
+                    t._train_step(batches)
+                    collector.step()
+                    torch.cuda.synchronize()
+                    if s == 1:
+                        gc_s[1] = 0.0
+                    if s >= 2:
+                        times.append(time.perf_counter() - t0)
+                        tokens += sum(int(b["input_ids"].numel()) for b in batches)
             res = {**v, "tokens_per_s": round(tokens / sum(times)),
                    "step_s": round(sum(times) / len(times), 3),
                    "median_step_s": round(statistics.median(times), 3), "max_step_s": round(max(times), 3),
@@ -262,7 +260,6 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
             t.optimizer.zero_grad(set_to_none=True)
             res = {**v, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
-            collector.__exit__()
             gc.callbacks.remove(gc_note)
         # CUDA graphs skipped (and why) or taken: the reason a reduce-overhead variant is no faster
         res["inductor_counters"] = {k: n for k, n in counters["inductor"].items() if "cudagraph" in k}
@@ -440,7 +437,7 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
     def same_length(a: dict, b: dict) -> bool:   # a different step count is a different lr schedule
         return bool(a.get("loss_curve")) and len(a["loss_curve"]) == len(b.get("loss_curve") or ())
 
-    for name in ("zero2", "zero2_overlap", "ddp"):
+    for name in MULTI_GPU:
         if runs.get(name, {}).get("tokens_per_s") and td.get("tokens_per_s"):
             result[f"{name}_scaling_vs_one_gpu"] = round(runs[name]["tokens_per_s"] / td["tokens_per_s"], 2)
             if same_length(runs[name], td):

@@ -19,10 +19,11 @@ from typing import Any
 
 
 class StepCollector:
-    def __init__(self, full_every: int = 50):
+    def __init__(self, full_every: int = 50, active: bool | None = None):
         self.full_every = full_every
-        # TUNEDECK_PYTHON_GC=1 leaves the collector as it is (to measure what this saves)
-        self.active = os.environ.get("TUNEDECK_PYTHON_GC", "") not in ("1", "true", "yes")
+        # inactive: Python's own schedule (to measure what this saves); TUNEDECK_PYTHON_GC=1 asks for it
+        self.active = (os.environ.get("TUNEDECK_PYTHON_GC", "") not in ("1", "true", "yes")
+                       if active is None else active)
         self.steps = 0
         self._was_enabled = True
 

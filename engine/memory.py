@@ -81,10 +81,10 @@ def embedding_on(model: torch.nn.Module, device: torch.device) -> Iterator[None]
     on the CPU, position ids would meet the GPU's rotary tables there."""
     get = getattr(model, "get_input_embeddings", None)     # (LLaVA's model keeps its embedding elsewhere)
     emb = get() if get is not None else None
-    home = emb.weight.device if emb is not None else device
-    if home == device:
+    if emb is None or emb.weight.device == device:
         yield
         return
+    home = emb.weight.device
     emb.to(device)
     try:
         yield
