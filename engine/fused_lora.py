@@ -34,6 +34,9 @@ def _dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     state = getattr(w, "quant_state", None)
     if state is None:
         return w.to(dtype)
+    if getattr(state, "packing_format_for_cpu", False):
+        raise RuntimeError(f"{type(base).__name__}: its 4-bit weight is in bitsandbytes' CPU-only layout; "
+                           "engine.modeling.standard_4bit_layout must run on the model first")
     absmax = getattr(w, "_tunedeck_absmax", None)
     if absmax is None:
         absmax = block_scales(state)
@@ -151,6 +154,9 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
         kinds += (LoraLinear4bit,)
     except ImportError:  # peft without bitsandbytes support
         pass
+    from .modeling import standard_4bit_layout
+
+    standard_4bit_layout(model)       # the fused dequantization reads the standard layout only
     n = 0
     for module in model.modules():
         if isinstance(module, kinds) and "forward" not in vars(module):

@@ -175,7 +175,46 @@ def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4"
         raise
     except (OSError, ValueError, ImportError, KeyError) as e:
         raise UserError(f"model.path: {path!r}: cannot load the model ({_one_line(e)})") from None
+    if quantization == "4bit":
+        standard_4bit_layout(model)
     return model
+
+
+def standard_4bit_layout(model: torch.nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit weight in its standard layout, whatever the CPU; returns how many
+    layers were set.
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit.forward`` in eval mode with an input that
+    needs no gradient (an evaluation, a chat answer) repacks the weight in place into a CPU-only layout
+    and from then on multiplies through ``gemv_4bit``, which has no backward: training after such a
+    forward gets no gradient through the layer's input, and anything that reads the packed bytes (the
+    fused LoRA layer, a merge) reads the wrong numbers. Each layer's switch for that is turned off
+    here, and a layer already repacked is unpacked again (bitsandbytes' own inverse)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:  # bitsandbytes missing or without a backend: nothing 4-bit to look after
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            unpack_cpu_4bit(module)
+            n += 1
+    return n
+
+
+def unpack_cpu_4bit(layer: torch.nn.Module) -> bool:
+    """Undo bitsandbytes' CPU repacking of one 4-bit layer's weight; True when it had been repacked."""
+    w = layer.weight
+    state = getattr(w, "quant_state", None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, state)
+    if getattr(layer, "quant_state", None) is not None:
+        layer.quant_state = w.quant_state
+    return True
 
 
 def linear_target_modules(model: Any) -> list[str]:
