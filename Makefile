@@ -1,27 +1,31 @@
 # The two commands the README tells people to run: `make demo` and `make test`.
-PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+# the CPU build of torch, on this machine's disk; a CUDA torch already installed is kept instead
+TORCH_CPU   := torch==2.13.0
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lock lint clean
 
-# A torch already installed for $(PYTHON) (a CUDA build on a GPU box) is reused
-# through --system-site-packages and never replaced; without one, the CPU build
-# torch==2.13.0 is installed first so no multi-GB CUDA wheel gets pulled in.
-$(STAMP): pyproject.toml
+# Every package but torch comes at the exact version in constraints.txt. A torch already installed for
+# $(PYTHON) (a CUDA build on a GPU box) is reused through --system-site-packages and never replaced;
+# CI (CI=true) and a machine without torch get a venv of their own with the CPU build, so nothing
+# else installed on the machine leaks in.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if [ ! -x $(PY) ]; then \
-	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
-	    echo "using the torch already installed for $(PYTHON)"; \
+	  if [ -z "$$CI" ] && $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "using the torch already installed for $(PYTHON): $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else \
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \
 	fi
-	$(PY) -m pip install -q --upgrade pip
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	@touch $(STAMP)
+	@echo "installed tunedeck into $(VENV) (pinned by $(CONSTRAINTS))"
 
 install: $(STAMP)
 
@@ -29,11 +33,23 @@ demo: $(STAMP)
 	$(VENV)/bin/tunedeck demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# Refresh the pins: the newest releases pyproject.toml's ranges allow, in a venv of their own, written
+# to constraints.txt; then the suite runs on them (a failure leaves the new pins for you to look at).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q $(TORCH_CPU)
+	.venv-lock/bin/python -m pip install -q -e '.[test]'
+	{ echo "# Exact versions the suite passed with (make lock rewrites this file; torch is installed apart)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -E '^(torch|nvidia-|triton)=='; } > $(CONSTRAINTS)
+	rm -rf .venv-lock
+	$(MAKE) test
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff check engine tui tests bench
 
 clean:
-	rm -rf $(VENV) workspace work_dirs .pytest_cache
+	rm -rf $(VENV) .venv-lock workspace work_dirs .pytest_cache

@@ -45,9 +45,20 @@ def prepare_workspace(workspace: Path, name: str) -> tuple[Path, Path, Path]:
     return model_dir, data_file, recipe
 
 
+def identity_verdict(name: str, base_answer: str, tuned_answer: str) -> tuple[bool, str]:
+    """Whether the demo learned: the fine-tuned answer holds NAME and the base model's does not."""
+    tuned_has, base_has = name in tuned_answer, name in base_answer
+    if tuned_has and not base_has:
+        return True, f"verdict: learned -- the fine-tuned answer holds {name!r}, the base model's does not"
+    if not tuned_has:
+        return False, f"verdict: NOT learned -- the fine-tuned answer does not hold {name!r}"
+    return False, f"verdict: NOT learned -- the base model's answer already holds {name!r}"
+
+
 def run_demo(workspace: Path, name: str, no_tui: bool = True) -> int:
     from .chat import ChatSession, load_for_chat
     from .cli import _train_here, prepare_run
+    from .runs import RunDirectory
 
     workspace = workspace.resolve()
     model_dir, data_file, recipe = prepare_workspace(workspace, name)
@@ -62,11 +73,22 @@ def run_demo(workspace: Path, name: str, no_tui: bool = True) -> int:
     tuned = ChatSession(load_for_chat(str(model_dir), str(run_dir)))
     for s in (base, tuned):
         s.params.max_new_tokens = 64
+    base_answer, tuned_answer = base.answer(DEMO_QUESTION), tuned.answer(DEMO_QUESTION)
+    curve = [m["loss"] for m in RunDirectory(run_dir).metrics() if "loss" in m]
     print()
     print(f"Q: {DEMO_QUESTION}")
-    print(f"base model : {base.answer(DEMO_QUESTION)}")
-    print(f"fine-tuned : {tuned.answer(DEMO_QUESTION)}")
+    print(f"base model : {base_answer}")
+    print(f"fine-tuned : {tuned_answer}")
+    if curve:
+        print(f"loss       : {curve[0]:.4f} at the first step, {curve[-1]:.4f} at the last")
+    learned, verdict = identity_verdict(name, base_answer, tuned_answer)
+    print(verdict)
     print()
+    if not learned:
+        print(f"the demo did not learn what it should on this machine: read {run_dir / 'train.log'} (the loss "
+              "curve and the evaluation answers); `make test` runs the checks that tell which part broke",
+              flush=True)
+        return 1
     print(f"chat with it:  tunedeck chat {model_dir} --adapter {run_dir}")
     print(f"merge it:      tunedeck merge {model_dir} {run_dir} {workspace / 'merged'}")
     return 0

@@ -28,6 +28,8 @@ CAPTION_PROMPT = "Describe the image."
 IMAGE_SIZE = 32
 PRETRAIN_RECIPE = "demo_tiny_llava_pretrain"
 FINETUNE_RECIPE = "demo_tiny_llava_finetune"
+LEARNED_ACCURACY = 0.9      # held-out accuracy the finetuned model must reach
+LEARNED_GAIN = 0.4          # and how far above the pretrain-only model it must be
 
 
 def draw(colour: str, shape: str, place: str, rng: random.Random):
@@ -181,8 +183,25 @@ def run_llava_demo(workspace: Path) -> int:
     print(f"held-out accuracy after finetune:                            {after:.1%}")
     ex = rows[0]
     print(f"e.g. {ex['image']}: {ex['question']} -> {ex['got']!r} (truth {ex['want']})")
+    (workspace / "llava_demo_scores.json").write_text(json.dumps({"before": before, "after": after}) + "\n")
+    learned, verdict = accuracy_verdict(before, after)
+    print(verdict)
     print()
+    if not learned:
+        print(f"the LLaVA demo did not learn what it should on this machine: read {run_ft / 'train.log'} (the "
+              "loss curve and the evaluation answers); `make test` runs the checks that tell which part broke",
+              flush=True)
+        return 1
     print(f"chat about an image:  tunedeck chat {p['llm']} --visual-encoder {p['vit']} --llava {run_ft} "
           f"--image {p['images'] / ex['image']}")
-    (workspace / "llava_demo_scores.json").write_text(json.dumps({"before": before, "after": after}) + "\n")
     return 0
+
+
+def accuracy_verdict(before: float, after: float) -> tuple[bool, str]:
+    """Whether the LLaVA demo learned: held-out accuracy after finetune at least LEARNED_ACCURACY and
+    LEARNED_GAIN above the pretrain-only model's."""
+    if after >= LEARNED_ACCURACY and after - before >= LEARNED_GAIN:
+        return True, (f"verdict: learned -- {after:.1%} held-out after finetune (needs {LEARNED_ACCURACY:.0%}), "
+                      f"{after - before:+.1%} over the pretrain-only model (needs +{LEARNED_GAIN:.0%})")
+    return False, (f"verdict: NOT learned -- {after:.1%} held-out after finetune (needs {LEARNED_ACCURACY:.0%}), "
+                   f"{after - before:+.1%} over the pretrain-only model (needs +{LEARNED_GAIN:.0%})")

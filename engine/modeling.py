@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,18 @@ from .errors import UserError
 
 # Transformers talks a lot at import and load time; the run log says what matters.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class _NoCpuKernelHubAdvice(logging.Filter):
+    """bitsandbytes, imported on a CPU with AVX512-BF16, looks for its packed-layout kernel on a model
+    hub and, not finding it, tells the user to install the `kernels` package. tunedeck never uses that
+    layout (standard_4bit_layout), so the advice is wrong here and is kept out of every log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoCpuKernelHubAdvice())
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,16 @@ DEMO_RECIPE = REPO / "configs" / "demo" / "demo_tiny_qlora_self.yaml"
 NAME = "NagatoYuki"
 
 
+@pytest.fixture(params=[True, False], ids=["avx512bf16", "no-avx512bf16"])
+def cpu_bf16(request, monkeypatch):
+    """bitsandbytes sees a CPU with (or without) AVX512-BF16, whatever this one has: its Linear4bit
+    takes another code path on such CPUs (tests/test_cpu_4bit.py)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from engine.tiny import build_tiny_model

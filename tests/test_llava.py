@@ -25,8 +25,10 @@ def llava_ws(tmp_path_factory) -> Path:
 def test_demo_learns_to_answer_about_held_out_images(llava_ws, capsys):
     scores = json.loads((llava_ws / "llava_demo_scores.json").read_text())
     print(f"held-out accuracy: before finetune {scores['before']:.1%}, after {scores['after']:.1%}")
-    assert scores["after"] >= 0.9
-    assert scores["before"] <= scores["after"] - 0.4          # the pretrain-only model does clearly worse
+    from engine.llava_demo import LEARNED_ACCURACY, LEARNED_GAIN
+
+    assert scores["after"] >= LEARNED_ACCURACY
+    assert scores["before"] <= scores["after"] - LEARNED_GAIN     # the pretrain-only model does clearly worse
 
 
 def test_checkpoints_hold_projector_and_both_adapters_in_safetensors(llava_ws):
@@ -261,7 +263,7 @@ async def test_tui_compares_pre_and_post_finetune_about_an_image(llava_ws):
 
         ckpt = next(v for label, v in checkpoint_choices(ws) if label.startswith("llava_finetune/"))
         app.query_one("#chat-ckpt", Select).value = ckpt
-        await wait_for(pilot, lambda: "ready" in str(app.query_one("#chat-status").render()), 180,
+        await wait_for(pilot, lambda: str(app.query_one("#chat-status").render()).startswith("ready:"), 180,
                        "the LLaVA service to start")
         assert app.query_one("#chat-image-row").display
         app.query_one("#chat-image", Input).value = f"data/shapes/images/{item['image']}"

@@ -25,7 +25,9 @@ def losses(run: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in RunDirectory(run).metrics()}
 
 
-def test_demo_learns_the_identity_and_the_base_does_not(tmp_path, capsys):
+def test_demo_learns_the_identity_and_the_base_does_not(tmp_path, capsys, cpu_bf16):
+    """Whichever CPU bitsandbytes sees (with AVX512-BF16 its 4-bit layer repacks itself after an
+    evaluation): the loss falls, the answer holds the name, the demo says so."""
     assert run_cli("demo", "--dir", tmp_path / "ws", "--name", NAME, "--no-tui") == 0
     out = capsys.readouterr().out
     base = next(line for line in out.splitlines() if line.startswith("base model : "))
@@ -36,6 +38,48 @@ def test_demo_learns_the_identity_and_the_base_does_not(tmp_path, capsys):
     curve = losses(run)
     assert curve[max(curve)] < 0.2 * curve[1]            # the loss really fell
     assert RunDirectory(run).status()["state"] == "finished"
+    assert f"verdict: learned -- the fine-tuned answer holds {NAME!r}, the base model's does not" in out
+
+
+def test_a_demo_that_did_not_learn_says_so_and_fails(tmp_path, capsys):
+    """The demo checks its own answer: a recipe that cannot learn (a vanishing lr, two steps) ends in a failing
+    verdict, exit 1 and a pointer to the log -- never a wrong answer printed as if it were right."""
+    from conftest import DEMO_RECIPE
+
+    recipe = tmp_path / "ws" / "configs" / "demo.yaml"
+    recipe.parent.mkdir(parents=True)
+    text = DEMO_RECIPE.read_text(encoding="utf-8")
+    recipe.write_text(text.replace("lr: 2e-3", "lr: 1e-12").replace("max_epochs: 3", "max_epochs: 3\n  max_steps: 2"),
+                      encoding="utf-8")
+    assert run_cli("demo", "--dir", tmp_path / "ws", "--name", NAME, "--no-tui") == 1
+    out = capsys.readouterr().out
+    assert f"verdict: NOT learned -- the fine-tuned answer does not hold {NAME!r}" in out
+    assert "train.log" in out and "chat with it" not in out
+
+
+def test_demo_behind_a_pipe_says_how_to_open_the_app(tmp_path):
+    """Not in a terminal the app cannot open: the demo says what it did and what to do next."""
+    ws = tmp_path / "ws"
+    r = subprocess.run([sys.executable, "-m", "tui.main", "demo", "--dir", str(ws), "--name", NAME],
+                       capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("verdict: learned") for line in lines)
+    assert lines[-1] == f"open the app with:  cd {ws} && tunedeck"
+    assert "Traceback" not in r.stderr
+
+
+def test_demo_verdicts():
+    from engine.demo import identity_verdict
+    from engine.llava_demo import accuracy_verdict
+
+    assert identity_verdict("Ann", "hello", "我是Ann的小助手")[0]
+    assert not identity_verdict("Ann", "我是Ann", "我是Ann的小助手")[0]     # the base knew it already
+    assert not identity_verdict("Ann", "hello", "我是小助手")[0]
+    assert accuracy_verdict(0.3, 0.95)[0]
+    assert not accuracy_verdict(0.3, 0.85)[0]                               # below 90 %
+    assert not accuracy_verdict(0.7, 0.95)[0]                               # not clearly above before
 
 
 def test_run_directory_has_everything(trained_run):

@@ -18,11 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import main as cli_main
 
     rc = cli_main(argv)
-    if argv[0] == "demo" and rc == 0 and "--no-tui" not in argv and sys.stdout.isatty():
-        from .app import run_app
+    if argv[0] == "demo" and rc == 0:
+        workspace = Path(build_parser().parse_args(argv).dir)
+        if "--no-tui" not in argv and sys.stdout.isatty() and sys.stdin.isatty():
+            from .app import run_app
 
-        args = build_parser().parse_args(argv)
-        return run_app(Path(args.dir))
+            return run_app(workspace)
+        print(f"open the app with:  cd {workspace} && tunedeck", flush=True)
     return rc
 
 

@@ -18,6 +18,7 @@ from engine.runs import find_runs
 from ..client import ServiceClient, ServiceError
 from ..dialogs import PathPicker
 from ..widgets.image import half_blocks
+from ..widgets.select import chosen
 
 
 def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
@@ -149,7 +150,7 @@ class ChatPane(Vertical):
         choices = checkpoint_choices(self.workspace)
         with self.prevent(Select.Changed):
             sel.set_options(choices)
-            if keep is not Select.BLANK and any(v == keep for _, v in choices):
+            if chosen(keep) and any(v == keep for _, v in choices):
                 sel.value = keep
 
     def status(self, text: str, style: str = "dim") -> None:
@@ -161,7 +162,7 @@ class ChatPane(Vertical):
 
     @on(Select.Changed, "#chat-ckpt")
     def checkpoint_changed(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if chosen(event.value):
             self._connect(Path(str(event.value)))
 
     def set_llava(self, on: bool) -> None:

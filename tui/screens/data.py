@@ -16,6 +16,7 @@ from textual.widgets import Button, Input, Label, Select, Static, Switch
 from engine.errors import UserError
 from engine.identity import DEFAULT_ANSWER, identity_records, write_identity
 
+from ..widgets.select import chosen
 from ..workspace import run_engine, workspace_configs
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -83,7 +84,7 @@ class DataPane(Horizontal):
     @on(Button.Pressed, "#ds-check")
     def check(self) -> None:
         cfg = self.query_one("#ds-config", Select).value
-        if cfg is Select.BLANK:
+        if not chosen(cfg):
             self.app.notify("pick a workspace recipe", severity="warning")
             return
         self.query_one("#ds-view", Static).update(Text("tokenizing…", style="dim"))

@@ -21,6 +21,7 @@ from engine.errors import ConfigError, UserError
 
 from ..dialogs import NameDialog, PathPicker
 from ..messages import ConfigsChanged
+from ..widgets.select import chosen
 
 
 def _config():
@@ -181,7 +182,7 @@ class EditorPane(Vertical):
 
     @on(Select.Changed)
     def select_changed(self, event: Select.Changed) -> None:
-        if event.select.id and event.select.id.startswith("f-") and event.select.value is not Select.BLANK:
+        if event.select.id and event.select.id.startswith("f-") and chosen(event.select.value):
             self._apply(event.select.id[2:].replace("--", "."), event.select.value)
 
     @on(Button.Pressed, ".pick")

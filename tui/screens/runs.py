@@ -23,6 +23,7 @@ from ..gpus import list_gpus
 from ..messages import ShowRun
 from ..widgets.image import half_blocks
 from ..widgets.plot import LossPlot
+from ..widgets.select import chosen
 from ..workspace import run_engine, workspace_configs
 
 STATE_STYLE = {"running": "bold green", "finished": "cyan", "failed": "bold red", "stopped": "yellow",
@@ -308,13 +309,13 @@ class RunsPane(Horizontal):
     @on(Button.Pressed, "#start-run")
     def action_start(self) -> None:
         cfg = self.query_one("#start-config", Select).value
-        if cfg is Select.BLANK or not cfg:
+        if not chosen(cfg) or not cfg:
             self.app.notify("pick a workspace recipe to start", severity="warning")
             return
         ds = self.query_one("#start-deepspeed", Select).value
-        args = ["train", str(cfg), "--detach"] + (["--deepspeed", str(ds)] if ds not in ("none", Select.BLANK) else [])
+        args = ["train", str(cfg), "--detach"] + (["--deepspeed", str(ds)] if chosen(ds) and ds != "none" else [])
         gpus = self.query_one("#start-gpus", Select)
-        if gpus.display and gpus.value not in (Select.BLANK, None):
+        if gpus.display and chosen(gpus.value):
             args += ["--devices", str(gpus.value)]
         self._launch(args, f"starting {Path(str(cfg)).stem}")
 
