@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--format", default="auto", choices=("auto", "internlm2", "llama"),
+                   help="auto: an InternLM2 base is written in InternLM2's own format (its code and tokenizer "
+                        "files beside it), any other in transformers' layout; llama: transformers' Llama layout")
+
+    p = sub.add_parser("export-adapter",
+                       help="a LoRA adapter of an InternLM2 model in InternLM2's module names (wqkv, wo, w1-w3)")
+    p.add_argument("adapter", help="checkpoint or run directory")
+    p.add_argument("out")
+    p.add_argument("--base", help="the InternLM2 model folder (default: the one the adapter was trained on)")
 
     p = sub.add_parser("export-llava", help="a LLaVA checkpoint as transformers' LlavaForConditionalGeneration")
     p.add_argument("llm")
@@ -599,8 +608,26 @@ def cmd_merge(args) -> int:
     from .merge import merge
 
     out = merge(args.base, args.adapter, args.out, device=args.device, max_shard_size=args.max_shard_size,
-                progress=lambda m: print(m, file=sys.stderr))
+                fmt=args.format, progress=lambda m: print(m, file=sys.stderr))
     print(out)
+    return 0
+
+
+def cmd_export_adapter(args) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .internlm2 import export_adapter, is_internlm2
+    from .modeling import read_adapter_meta
+
+    ckpt = resolve_checkpoint(args.adapter)
+    base = args.base or read_adapter_meta(ckpt).get("base_model")
+    if not base:
+        raise UserError(f"{ckpt}: its tunedeck.json names no base model; pass --base")
+    if not is_internlm2(base):
+        raise UserError(f"--base: {base} is not an InternLM2 checkpoint (config.json model_type internlm2)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty; choose another OUT")
+    print(export_adapter(ckpt, out, Path(base)))
     return 0
 
 
@@ -632,7 +659,7 @@ def cmd_demo(args) -> int:
 
 VERBS = {
     "list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "data": cmd_data, "train": cmd_train,
-    "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "tree": cmd_tree,
+    "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "export-adapter": cmd_export_adapter, "tree": cmd_tree,
     "demo": cmd_demo, "export-llava": cmd_export_llava, "_worker": cmd_worker,
 }
 

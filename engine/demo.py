@@ -1,6 +1,7 @@
 """``tunedeck demo``: the whole personal-assistant workflow on a tiny model, offline, on the CPU.
 
-DIR/models/tiny-chat   a chat model made on the spot (random init, tokenizer trained here)
+DIR/models/tiny-chat   a chat model made on the spot, laid out as internlm2-chat-1_8b ships (random init,
+                       its SentencePiece tokenizer trained here)
 DIR/data/              the identity dataset for NAME
 DIR/configs/demo.yaml  the demo recipe (copied once; edits you make are kept)
 DIR/work_dirs/demo*/   the run
@@ -26,14 +27,14 @@ def _slug(name: str) -> str:
 def prepare_workspace(workspace: Path, name: str) -> tuple[Path, Path, Path]:
     """Model, dataset and recipe of the demo workspace; existing files are reused, never overwritten."""
     from .identity import identity_records, write_identity
-    from .tiny import build_tiny_model
+    from .tiny import build_tiny_internlm2
 
     if workspace.exists() and not workspace.is_dir():
         raise UserError(f"--dir {workspace}: exists and is not a directory")
     model_dir = workspace / "models" / "tiny-chat"
     if not (model_dir / "config.json").is_file():
         print(f"building a tiny chat model in {model_dir}", flush=True)
-        build_tiny_model(model_dir, extra_texts=[name])
+        build_tiny_internlm2(model_dir, extra_texts=[name])
     data_file = workspace / "data" / f"personal_assistant_{_slug(name)}.jsonl"
     if not data_file.exists():
         write_identity(data_file, identity_records(name, DEMO_RECORDS, varied=True))
@@ -43,6 +44,10 @@ def prepare_workspace(workspace: Path, name: str) -> tuple[Path, Path, Path]:
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(find(DEMO_RECIPE).path.read_text(encoding="utf-8"), encoding="utf-8")
     return model_dir, data_file, recipe
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "").replace("\n", " ⏎ ")
 
 
 def identity_verdict(name: str, base_answer: str, tuned_answer: str) -> tuple[bool, str]:
@@ -77,8 +82,8 @@ def run_demo(workspace: Path, name: str, no_tui: bool = True) -> int:
     curve = [m["loss"] for m in RunDirectory(run_dir).metrics() if "loss" in m]
     print()
     print(f"Q: {DEMO_QUESTION}")
-    print(f"base model : {base_answer}")
-    print(f"fine-tuned : {tuned_answer}")
+    print(f"base model : {_one_line(base_answer)}")
+    print(f"fine-tuned : {_one_line(tuned_answer)}")
     if curve:
         print(f"loss       : {curve[0]:.4f} at the first step, {curve[-1]:.4f} at the last")
     learned, verdict = identity_verdict(name, base_answer, tuned_answer)

@@ -39,11 +39,14 @@ def export_llava(llm_path: str, visual_encoder: str, checkpoint: str | Path, out
     check_model_dir(llm_path)
     from transformers import AutoConfig
 
-    llm_cfg = AutoConfig.from_pretrained(llm_path, trust_remote_code=True)
+    from .modeling import resolve_model
+
+    native, _ = resolve_model(llm_path)          # an InternLM2 LLM: its Llama-layout conversion
+    llm_cfg = AutoConfig.from_pretrained(native, trust_remote_code=native == llm_path)
     if llm_cfg.model_type not in CONFIG_MAPPING or getattr(llm_cfg, "auto_map", None):
         raise UserError(f"{llm_path}: a {llm_cfg.model_type} model with its own code; LlavaForConditionalGeneration "
                         "needs a transformers-native LLM (Llama, Qwen2, ...): use `tunedeck chat --llava` instead")
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, torch_dtype=torch.float32)
+    llm = AutoModelForCausalLM.from_pretrained(native, torch_dtype=torch.float32)
     if (ckpt / LLM_ADAPTER).is_dir():
         llm = PeftModel.from_pretrained(llm, str(ckpt / LLM_ADAPTER)).merge_and_unload()
     vision = load_vision(visual_encoder, torch.float32, "cpu")

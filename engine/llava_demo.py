@@ -1,7 +1,8 @@
 """``tunedeck demo --llava``: the seed's LLaVA half on a tiny synthetic task, offline, on the CPU.
 
 Images are coloured shapes drawn with Pillow; questions ask for the colour, the shape or where it
-is. A tiny CLIP vision tower and a tiny LLM (both random init, made here) go through both stages:
+is. A tiny CLIP vision tower and a tiny LLM laid out as internlm2-chat-1_8b ships (both random init,
+made here) go through both stages:
 pretrain (projector only, on captions) and finetune (projector + LLM QLoRA + vision LoRA, on
 questions), and both are scored on held-out images.
 
@@ -119,12 +120,12 @@ def build_tiny_vision(out_dir: Path, seed: int = 0) -> Path:
 
 def prepare_workspace(workspace: Path) -> dict[str, Path]:
     """Models, data and the two recipes; what exists is reused, never overwritten."""
-    from .tiny import build_tiny_model
+    from .tiny import build_tiny_internlm2
 
     out: dict[str, Path] = {"llm": workspace / "models" / "tiny-chat-vl", "vit": workspace / "models" / "tiny-clip"}
     if not (out["llm"] / "config.json").is_file():
         print(f"building a tiny LLM in {out['llm']}", flush=True)
-        build_tiny_model(out["llm"], extra_texts=vocabulary())
+        build_tiny_internlm2(out["llm"], extra_texts=vocabulary())
     if not (out["vit"] / "config.json").is_file():
         print(f"building a tiny CLIP vision tower in {out['vit']}", flush=True)
         build_tiny_vision(out["vit"])

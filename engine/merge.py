@@ -7,13 +7,37 @@ from pathlib import Path
 
 from .checkpoint import resolve_checkpoint
 from .errors import UserError
-from .modeling import check_model_dir, read_adapter_meta
+from .internlm2 import is_internlm2, write_internlm2
+from .modeling import check_model_dir, load_error, read_adapter_meta, resolve_model
+
+
+def _bytes(size: str) -> int:
+    """'2GB' / '500MB' / a number of bytes."""
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+    text = size.strip().upper()
+    for unit, n in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * n)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--max-shard-size: {size!r} is not a size (e.g. 2GB, 500MB)") from None
+
+
+MERGE_FORMATS = ("auto", "internlm2", "llama")
 
 
 def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_size: str = "2GB",
-          trust_remote_code: bool | None = None, progress=print) -> Path:
+          trust_remote_code: bool | None = None, fmt: str = "auto", progress=print) -> Path:
     """Write base+adapter as one model (safetensors shards + tokenizer) that AutoModelForCausalLM loads.
-    The output is written beside OUT and renamed into place, and an existing OUT is never touched."""
+    The output is written beside OUT and renamed into place, and an existing OUT is never touched.
+
+    An InternLM2 base is written in InternLM2's own format by default (``fmt`` auto or internlm2:
+    wqkv fused again, the base's config, remote code and tokenizer files carried over unchanged, so
+    LMDeploy, XTuner and InternLM's code load it); ``fmt="llama"`` writes transformers' Llama layout."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,7 +49,12 @@ def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_s
         raise UserError(f"--device: {device!r} is not allowed: use cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device: 'cuda' but no CUDA GPU is visible")
+    if fmt not in MERGE_FORMATS:
+        raise UserError(f"--format: {fmt!r} is not allowed: use {', '.join(MERGE_FORMATS)}")
     check_model_dir(base)
+    internlm2 = is_internlm2(base)
+    if fmt == "internlm2" and not internlm2:
+        raise UserError(f"--format: 'internlm2' but {base} is not an InternLM2 checkpoint")
     ckpt = resolve_checkpoint(adapter)
     if not (ckpt / "adapter_config.json").is_file():
         raise UserError(f"{ckpt}: not a LoRA adapter (no adapter_config.json); a full fine-tune needs no merge")
@@ -33,11 +62,12 @@ def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_s
     trust = meta.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
     progress(f"loading {base} on {device}")
+    native, trust = resolve_model(base, trust)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust,
+        model = AutoModelForCausalLM.from_pretrained(native, dtype=dtype, trust_remote_code=trust,
                                                      device_map={"": device})
-    except (OSError, ValueError) as e:
-        raise UserError(f"{base}: cannot load the base model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise UserError(f"{base}: cannot load the base model ({load_error(e)})") from None
     progress(f"applying {ckpt}")
     try:
         model = PeftModel.from_pretrained(model, str(ckpt))
@@ -47,10 +77,14 @@ def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_s
     tmp = out_path.with_name(f".{out_path.name}.merging")
     if tmp.exists():
         shutil.rmtree(tmp)
-    progress(f"writing {out_path} (shards of at most {max_shard_size})")
-    model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
-    tok_src = ckpt if (ckpt / "tokenizer_config.json").is_file() else base
-    AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=trust).save_pretrained(str(tmp))
+    if internlm2 and fmt != "llama":
+        progress(f"writing {out_path} in InternLM2's format (its own code and tokenizer files beside it)")
+        write_internlm2(model.state_dict(), Path(base), tmp, shard_bytes=_bytes(max_shard_size))
+    else:
+        progress(f"writing {out_path} (shards of at most {max_shard_size})")
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+        tok_src = ckpt if (ckpt / "tokenizer_config.json").is_file() else native
+        AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=trust).save_pretrained(str(tmp))
     if out_path.exists():
         out_path.rmdir()   # empty, checked above
     tmp.rename(out_path)

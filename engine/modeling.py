@@ -13,6 +13,7 @@ import torch
 
 from .errors import UserError
 
+log = logging.getLogger("tunedeck.model")
 # Transformers talks a lot at import and load time; the run log says what matters.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -69,18 +70,42 @@ def check_model_dir(path: str, need_config: bool = True) -> None:
         raise UserError(f"model.path: {path!r}: no such model directory")
 
 
+def resolve_model(path: str, trust_remote_code: bool = False) -> tuple[str, bool]:
+    """The folder transformers loads for ``path`` and whether remote code may run: an InternLM2
+    checkpoint is converted to transformers' Llama layout (engine/internlm2.py) and its own code is
+    never run, whatever trust_remote_code says."""
+    from .internlm2 import native_path
+
+    native = native_path(path, log=log.info) if Path(path).is_dir() else path
+    return native, trust_remote_code and native == path
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     check_model_dir(path, need_config=False)
+    native, trust_remote_code = resolve_model(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(native, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"model.path: {path!r}: cannot load a tokenizer ({_one_line(e)})") from None
+        raise UserError(f"model.path: {path!r}: cannot load a tokenizer ({load_error(e)})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
     return tok
+
+
+def load_error(e: BaseException) -> str:
+    """One line for a failed load; when a model's own (remote) code failed, the file and line in it."""
+    where = ""
+    tb = e.__traceback__
+    while tb is not None:
+        fn = tb.tb_frame.f_code.co_filename
+        if "transformers_modules" in fn:
+            where = f"{Path(fn).name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    text = _one_line(e)
+    return f"the model's own code, {where}: {text}" if where else text
 
 
 LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2",
@@ -94,6 +119,7 @@ def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: b
         return False    # compiled layers: the compiler fuses these itself (Liger's kernels would split its graph)
     from transformers import AutoConfig
 
+    path, trust_remote_code = resolve_model(path, trust_remote_code)
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
     reason = None
     if precision.device != "cuda":
@@ -167,6 +193,7 @@ def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4"
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_model_dir(path)
+    native, trust_remote_code = resolve_model(path, trust_remote_code)
     compute = precision.autocast_dtype or torch.float32
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": precision.weight_dtype}
     if attn_implementation != "auto":
@@ -183,11 +210,11 @@ def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4"
         device_map = {"": torch.cuda.current_device()} if precision.device == "cuda" else {"": "cpu"}
     kw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(native, **kw)
     except torch.cuda.OutOfMemoryError:
         raise
-    except (OSError, ValueError, ImportError, KeyError) as e:
-        raise UserError(f"model.path: {path!r}: cannot load the model ({_one_line(e)})") from None
+    except (OSError, ValueError, ImportError, KeyError, AttributeError, TypeError, NameError) as e:
+        raise UserError(f"model.path: {path!r}: cannot load the model ({load_error(e)})") from None
     if quantization == "4bit":
         standard_4bit_layout(model)
     return model

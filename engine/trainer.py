@@ -37,7 +37,7 @@ from .config import Recipe
 from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
 from .errors import UserError
 from .memory import embedding_on, offload_saved_tensors
-from .modeling import Precision, apply_liger, attach_lora, load_model, load_tokenizer, pick_precision
+from .modeling import Precision, apply_liger, attach_lora, load_model, load_tokenizer, pick_precision, resolve_model
 from .runs import RunDirectory
 from .templates import IGNORE_INDEX, encode_prompt, resolve_template_name, stop_token_ids
 
@@ -210,8 +210,9 @@ class Trainer:
         self.liger = apply_liger(r.model.path, r.model.liger_kernels, precision, r.model.trust_remote_code,
                                  compiled=compile_layers)
         attn = r.model.attn_implementation
+        remote_code = resolve_model(r.model.path, r.model.trust_remote_code)[1]
         if (attn == "auto" and precision.device == "cuda" and r.data.pack_to_max_length
-                and not r.model.trust_remote_code and importlib.util.find_spec("torch.nn.attention.flex_attention")):
+                and not remote_code and importlib.util.find_spec("torch.nn.attention.flex_attention")):
             attn = "flex_attention"        # packed rows: a block mask per sample, no dense mask (H100: +5%)
         self.attn = attn
         model = load_model(r.model.path, quantization=r.model.quantization, quant_type=r.model.quant_type,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["TEXTUAL_ANIMATIONS"] = "none"    # snapshots must not catch an animation half-way
+# converted InternLM2 checkpoints go to a cache of the run's own, never the user's ~/.cache
+os.environ["TUNEDECK_CACHE"] = tempfile.mkdtemp(prefix="tunedeck-test-cache-")
+os.environ["HF_MODULES_CACHE"] = os.path.join(os.environ["TUNEDECK_CACHE"], "hf-modules")   # remote code tests
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "configs" / "demo" / "demo_tiny_qlora_self.yaml"
@@ -33,6 +37,14 @@ def tiny_model(tmp_path_factory) -> Path:
     from engine.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat", extra_texts=[NAME])
+
+
+@pytest.fixture(scope="session")
+def internlm2_model(tmp_path_factory) -> Path:
+    """A tiny model folder laid out exactly as internlm/internlm2-chat-1_8b ships (engine/tiny.py)."""
+    from engine.tiny import build_tiny_internlm2
+
+    return build_tiny_internlm2(tmp_path_factory.mktemp("models") / "internlm2-chat-tiny", extra_texts=[NAME])
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,14 @@ import torch
 from engine.data import Row, collate
 
 
+@pytest.mark.parametrize("family", ["llama", "internlm2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_samples_logits_do_not_change_when_another_is_packed_beside_it(tiny_model, attn):
-    from transformers import AutoModelForCausalLM
+def test_a_samples_logits_do_not_change_when_another_is_packed_beside_it(request, family, attn):
+    """Also for an InternLM2 checkpoint as it ships, loaded through tunedeck's native conversion."""
+    from engine.modeling import load_model, pick_precision
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation=attn).eval()
+    folder = request.getfixturevalue("tiny_model" if family == "llama" else "internlm2_model")
+    model = load_model(str(folder), precision=pick_precision(device="cpu"), attn_implementation=attn).eval()
     g = torch.Generator().manual_seed(0)
     a = torch.randint(10, 600, (17,), generator=g).tolist()
     b = torch.randint(10, 600, (23,), generator=g).tolist()
