@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = Path("/tmp/internlm2_1_8b_shape")
+MODEL = Path("/tmp/internlm2_1_8b_shape")             # Llama-architecture stand-in of the 1.8B shape
+MODEL_INTERNLM2 = Path("/tmp/internlm2_1_8b_hub")    # the same shape as internlm2-chat-1_8b ships it
 RECIPE = REPO / "configs/internlm2/internlm2_chat_1_8b_qlora_self_e2.yaml"
 
 
@@ -43,6 +44,19 @@ def build_model(extra_texts: list[str] | None = None) -> None:
         del m
     if not (MODEL / "tokenizer.json").exists():
         build_tokenizer(MODEL, extra_texts=extra_texts)
+
+
+def build_internlm2_model() -> None:
+    """The 1.8B shape laid out as internlm/internlm2-chat-1_8b is on the hub (InternLM2-named bf16
+    shards with wqkv fused, auto_map config, SentencePiece tokenizer.model, chat tokenizer_config),
+    random init; tunedeck loads it through its native conversion."""
+    sys.path.insert(0, str(REPO))
+    from engine.tiny import build_tiny_internlm2
+
+    if not (MODEL_INTERNLM2 / "config.json").exists():
+        build_tiny_internlm2(MODEL_INTERNLM2, hidden=2048, layers=24, heads=16, kv_heads=8, intermediate=8192,
+                             max_positions=32768, rope_scaling={"type": "dynamic", "factor": 2.0},
+                             vocab_rows=92544, init_std=0.02, dtype="bfloat16", shards=2)
 
 
 def build_data(path: Path) -> None:

@@ -12,6 +12,9 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
               kbit_training, LoRA, no autocast), trained on tunedeck's rows in tunedeck's order, with
               the recipe's optimizer, schedule, clipping and window-mean loss: the loss curve to match
   tunedeck    `tunedeck train` with the recipe's default settings
+  tunedeck_internlm2  the same on the 1.8B shape laid out as internlm2-chat-1_8b ships (InternLM2 names,
+              wqkv fused, its own config and tokenizer.model), loaded through tunedeck's native conversion:
+              it must train as fast as the Llama-layout stand-in (internlm2_vs_llama_tokens_per_s)
   low_memory  the same with `train.low_memory: true`
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
@@ -49,7 +52,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_gpu import MODEL, RECIPE, REPO, build_data, build_model, run_baseline, run_tunedeck  # noqa: E402
+from engine_gpu import (  # noqa: E402
+    MODEL,
+    MODEL_INTERNLM2,
+    RECIPE,
+    REPO,
+    build_data,
+    build_internlm2_model,
+    build_model,
+    run_baseline,
+    run_tunedeck,
+)
 
 DATA = Path("/tmp/ft/data/personal_assistant.json")
 BASE_SETS = [f"model.path={MODEL}", "model.trust_remote_code=false", f"data.data_path={DATA}",
@@ -330,6 +343,8 @@ def main() -> None:
     import torch
 
     build_model()
+    if "tunedeck_internlm2" in args.only.split(","):
+        build_internlm2_model()
     build_data(DATA)
     if args.reference_loop:
         res = reference_loop(_recipe([f"max_steps={args.steps}"]), args.steps, args.reference_rows, args.autocast,
@@ -364,6 +379,7 @@ def main() -> None:
     share = str(16 // max(2, args.gpus))     # one rank's share of a multi-GPU step (of 2 GPUs when --gpus 1)
     plans = {  # name: (work dir, overrides, gpus, deepspeed[, environment])
         "tunedeck": ("tp_default", [f"max_steps={args.steps}"], 1, None),
+        "tunedeck_internlm2": ("tp_internlm2", [f"max_steps={args.steps}", f"model.path={MODEL_INTERNLM2}"], 1, None),
         # levers one by one, each in its own process (without compile, Liger's kernels are on by default)
         "tunedeck_eager": ("tp_eager", [f"max_steps={args.steps}", "model.compile=off"], 1, None),
         "tunedeck_sdpa": ("tp_sdpa", [f"max_steps={args.steps}", "model.attn_implementation=sdpa"], 1, None),
@@ -437,6 +453,10 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
     def same_length(a: dict, b: dict) -> bool:   # a different step count is a different lr schedule
         return bool(a.get("loss_curve")) and len(a["loss_curve"]) == len(b.get("loss_curve") or ())
 
+    il2 = runs.get("tunedeck_internlm2", {})
+    if il2.get("tokens_per_s") and td.get("tokens_per_s"):
+        result["internlm2_vs_llama_tokens_per_s"] = round(il2["tokens_per_s"] / td["tokens_per_s"], 3)
+        result["internlm2_vs_llama_within_3_percent"] = abs(il2["tokens_per_s"] / td["tokens_per_s"] - 1) <= 0.03
     for name in MULTI_GPU:
         if runs.get(name, {}).get("tokens_per_s") and td.get("tokens_per_s"):
             result[f"{name}_scaling_vs_one_gpu"] = round(runs[name]["tokens_per_s"] / td["tokens_per_s"], 2)

@@ -659,7 +659,8 @@ def cmd_demo(args) -> int:
 
 VERBS = {
     "list-cfg": cmd_list_cfg, "copy-cfg": cmd_copy_cfg, "data": cmd_data, "train": cmd_train,
-    "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "export-adapter": cmd_export_adapter, "tree": cmd_tree,
+    "runs": cmd_runs, "stop": cmd_stop, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge,
+    "export-adapter": cmd_export_adapter, "tree": cmd_tree,
     "demo": cmd_demo, "export-llava": cmd_export_llava, "_worker": cmd_worker,
 }
 

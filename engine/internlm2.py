@@ -72,13 +72,6 @@ def is_internlm2(path: str | Path) -> bool:
                           or "InternLM2ForCausalLM" in (cfg.get("architectures") or []))
 
 
-def source_of(path: str | Path) -> Path | None:
-    """The InternLM2 folder a converted folder was made from (None for any other folder)."""
-    try:
-        return Path(json.loads((Path(path) / NATIVE_MARKER).read_text())["source"])
-    except (OSError, ValueError, KeyError):
-        return None
-
 
 # ---------------------------------------------------------------------------- shapes
 class Heads:
@@ -252,15 +245,15 @@ def native_path(path: str | Path, *, log: Any = None) -> str:
     return str(dst)
 
 
-def _iter_shards(files: list[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+def _iter_shards(files: list[Path]) -> Iterator[dict[str, Any]]:
     import torch
     from safetensors.torch import load_file
 
     for f in files:
         if f.suffix == ".safetensors":
-            yield f, load_file(str(f))
+            yield load_file(str(f))
         else:
-            yield f, torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            yield torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
 
 
 def convert(src: Path, dst: Path) -> None:
@@ -275,7 +268,7 @@ def convert(src: Path, dst: Path) -> None:
     files = _weight_files(src)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, (f, shard) in enumerate(_iter_shards(files)):
+    for i, shard in enumerate(_iter_shards(files)):
         name = (f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" if len(files) > 1 else "model.safetensors")
         out = to_llama_state(shard, h)
         out = {k: v.contiguous() for k, v in out.items()}
@@ -303,9 +296,12 @@ def build_tokenizer(src: Path, vocab_rows: int) -> Any:
     spm_file = src / "tokenizer.model"
     if not spm_file.is_file():
         raise UserError(f"model.path: {str(src)!r}: an InternLM2 folder without tokenizer.model")
+    import transformers
+
+    too_old = UserError(f"InternLM2's tokenizer: transformers {transformers.__version__} does not convert a "
+                        "SentencePiece model faithfully; pip install -U 'transformers>=5.24'")
     if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
-        raise UserError("InternLM2's tokenizer needs a newer transformers (SentencePiece conversion from the "
-                        "model file); pip install -U transformers")
+        raise too_old
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(spm_file.read_bytes())
     try:
@@ -320,7 +316,10 @@ def build_tokenizer(src: Path, vocab_rows: int) -> Any:
         if vocab.get(content) != i:
             raise UserError(f"{src / 'tokenizer_config.json'}: added token {content!r} at id {i} is not that "
                             f"piece of tokenizer.model ({len(proto.pieces)} pieces)")
-    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    try:
+        backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    except TypeError:           # an older conversion (no merges, no dummy-prefix rules): not SentencePiece's
+        raise too_old from None
 
     def piece(i: int) -> str | None:
         return proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None
@@ -345,7 +344,24 @@ def build_tokenizer(src: Path, vocab_rows: int) -> Any:
         i = tok.convert_tokens_to_ids(content)
         if i is None or i >= rows:
             raise UserError(f"{src}: special token {content!r} has id {i}, past the embedding's {rows} rows")
+    _check_against_sentencepiece(tok, spm_file, extra, too_old)
     return tok
+
+
+_PROBES = ("Hello, world!", "  two  spaces and a tab\t", "你好，世界。我是你的小助手", "0123456789 3.14",
+           "line\nbreaks\n\n")
+
+
+def _check_against_sentencepiece(tok: Any, spm_file: Path, specials: list[str], too_old: UserError) -> None:
+    """The converted tokenizer must encode as SentencePiece itself does: a few probes, once per conversion."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise UserError("InternLM2's tokenizer needs sentencepiece (pip install sentencepiece)") from None
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
+    for text in (*_PROBES, "".join(specials) + "after"):
+        if tok(text, add_special_tokens=False)["input_ids"] != sp.encode(text):
+            raise too_old
 
 
 # ---------------------------------------------------------------------------- writing InternLM2 back

@@ -103,12 +103,15 @@ def build_internlm2_tokenizer_model(out_file: str | Path, extra_texts: list[str]
 def build_tiny_internlm2(out_dir: str | Path, *, hidden: int = 128, layers: int = 2, heads: int = 4,
                          kv_heads: int = 2, intermediate: int = 256, seed: int = 0, max_positions: int = 2048,
                          rope_scaling: dict | None = None, extra_texts: list[str] | None = None,
-                         shards: int = 2) -> Path:
+                         shards: int = 2, vocab_rows: int | None = None, init_std: float = 0.1,
+                         dtype: str = "float32") -> Path:
     """A random-init model folder laid out as internlm/internlm2-chat-1_8b is on the hub: config.json
     with model_type internlm2 and auto_map to its own code, InternLM2-named safetensors shards with an
     index (wqkv fused per key/value head), a SentencePiece tokenizer.model with the chat special tokens at
     the last ids, the chat tokenizer_config.json and generation_config.json. The four remote-code files
-    are stand-ins written here that refuse to run: tunedeck must never execute them."""
+    are stand-ins written here that refuse to run: tunedeck must never execute them. ``vocab_rows``
+    gives the embedding more rows than the tokenizer has pieces (the benchmarks' 92,544 at the 1.8B
+    shape); ``dtype`` is the stored weights' (bfloat16 as on the hub)."""
     import torch
     from safetensors.torch import save_file
 
@@ -123,11 +126,12 @@ def build_tiny_internlm2(out_dir: str | Path, *, hidden: int = 128, layers: int 
                      "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
                      "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
         "bias": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": hidden,
-        "initializer_range": 0.1, "intermediate_size": intermediate, "max_position_embeddings": max_positions,
+        "initializer_range": init_std, "intermediate_size": intermediate, "max_position_embeddings": max_positions,
         "model_type": "internlm2", "num_attention_heads": heads, "num_hidden_layers": layers,
         "num_key_value_heads": kv_heads, "pad_token_id": 2, "rms_norm_eps": 1e-05,
         "rope_scaling": rope_scaling, "rope_theta": 1000000, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "transformers_version": "4.41.0", "use_cache": True, "vocab_size": vocab,
+        "torch_dtype": dtype, "transformers_version": "4.41.0", "use_cache": True,
+        "vocab_size": max(vocab, vocab_rows or 0),
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
@@ -155,12 +159,17 @@ def build_tiny_internlm2(out_dir: str | Path, *, hidden: int = 128, layers: int 
             f'raise ImportError("{name} was executed: InternLM2 must load natively")\n')
 
     g = torch.Generator().manual_seed(seed)
+    store = getattr(torch, dtype)
 
     def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * cfg["initializer_range"]
+        return (torch.randn(*shape, generator=g) * init_std).to(store)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=store)
 
     qkv_rows = kv_heads * (heads // kv_heads + 2) * head_dim
-    state: dict[str, torch.Tensor] = {"model.tok_embeddings.weight": normal(vocab, hidden)}
+    rows = cfg["vocab_size"]
+    state: dict[str, torch.Tensor] = {"model.tok_embeddings.weight": normal(rows, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         state |= {p + "attention.wqkv.weight": normal(qkv_rows, hidden),
@@ -168,8 +177,8 @@ def build_tiny_internlm2(out_dir: str | Path, *, hidden: int = 128, layers: int 
                   p + "feed_forward.w1.weight": normal(intermediate, hidden),
                   p + "feed_forward.w3.weight": normal(intermediate, hidden),
                   p + "feed_forward.w2.weight": normal(hidden, intermediate),
-                  p + "attention_norm.weight": torch.ones(hidden), p + "ffn_norm.weight": torch.ones(hidden)}
-    state |= {"model.norm.weight": torch.ones(hidden), "output.weight": normal(vocab, hidden)}
+                  p + "attention_norm.weight": ones(hidden), p + "ffn_norm.weight": ones(hidden)}
+    state |= {"model.norm.weight": ones(hidden), "output.weight": normal(rows, hidden)}
     names = list(state)
     per = -(-len(names) // shards)
     weight_map = {}

@@ -66,7 +66,8 @@ def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: list[int]) -> t
         att = att.masked_fill(~causal, float("-inf")).softmax(-1)
         x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(n, nh * hd) @ w[p + "attention.wo.weight"].T
         hdn = rms(x, w[p + "ffn_norm.weight"])
-        ff = torch.nn.functional.silu(hdn @ w[p + "feed_forward.w1.weight"].T) * (hdn @ w[p + "feed_forward.w3.weight"].T)
+        gate, up = hdn @ w[p + "feed_forward.w1.weight"].T, hdn @ w[p + "feed_forward.w3.weight"].T
+        ff = torch.nn.functional.silu(gate) * up
         x = x + ff @ w[p + "feed_forward.w2.weight"].T
     return rms(x, w["model.norm.weight"]) @ w["output.weight"].T
 
@@ -99,8 +100,9 @@ def test_native_load_gives_the_reference_forwards_logits(tmp_path, rope_scaling)
 
 
 TEXTS = ["请做一下自我介绍", "我是NagatoYuki的小助手，内在是上海AI实验室书生·浦语的 InternLM2 1.8B 大模型哦",
-         "The quick brown fox  jumps", " leading and trailing  ", "digits 0123456789 and 3.14159", "tabs\tand\nnewlines\n\n",
-         "emoji 🤖 and rare 龘", "".join(INTERNLM2_SPECIALS), "<|im_start|>user\n你是谁<|im_end|>\n<|im_start|>assistant\n"]
+         "The quick brown fox  jumps", " leading and trailing  ", "digits 0123456789 and 3.14159",
+         "tabs\tand\nnewlines\n\n", "emoji 🤖 and rare 龘", "".join(INTERNLM2_SPECIALS),
+         "<|im_start|>user\n你是谁<|im_end|>\n<|im_start|>assistant\n"]
 
 
 def test_tokenization_is_sentencepieces_own_and_special_tokens_keep_their_ids(internlm2_model):
@@ -122,6 +124,24 @@ def test_tokenization_is_sentencepieces_own_and_special_tokens_keep_their_ids(in
         assert sp.piece_to_id(d["content"]) == int(i)
     assert tok.convert_tokens_to_ids("<|im_start|>") == rows - 1 and tok.convert_tokens_to_ids("<|im_end|>") == rows - 2
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+
+
+def test_a_transformers_whose_conversion_is_not_sentencepieces_is_refused(internlm2_model, tmp_path, monkeypatch):
+    """An older transformers converts SentencePiece models without merges: refused in one line, never
+    a tokenizer that gives other tokens than the model was trained on."""
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    from engine.errors import UserError
+    from engine.internlm2 import build_tokenizer
+
+    real = SpmConverter.build_tokenizer_from_spm_proto
+
+    def without_merges(proto, vocab, merges=None, legacy=True):
+        return real(proto, vocab, merges=[], legacy=legacy)
+
+    monkeypatch.setattr(SpmConverter, "build_tokenizer_from_spm_proto", staticmethod(without_merges))
+    with pytest.raises(UserError, match="does not convert a SentencePiece model faithfully"):
+        build_tokenizer(internlm2_model, 0)
 
 
 def test_the_named_template_is_internlm2s_chat_template_token_for_token(internlm2_model):
@@ -170,7 +190,8 @@ def test_a_model_whose_own_code_fails_is_one_line_naming_the_file(tiny_model, tm
         "auto_map": {"AutoConfig": "configuration_mymodel.MyConfig",
                      "AutoModelForCausalLM": "modeling_mymodel.MyModelForCausalLM"}}))
     (folder / "configuration_mymodel.py").write_text(
-        "from transformers import PretrainedConfig\n\n\nclass MyConfig(PretrainedConfig):\n    model_type = 'mymodel'\n")
+        "from transformers import PretrainedConfig\n\n\n"
+        "class MyConfig(PretrainedConfig):\n    model_type = 'mymodel'\n")
     (folder / "modeling_mymodel.py").write_text(
         "from transformers import PreTrainedModel\n"
         "from transformers.modeling_attn_mask_utils import AttentionMaskConverter\n")
