@@ -455,8 +455,12 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
 
     il2 = runs.get("tunedeck_internlm2", {})
     if il2.get("tokens_per_s") and td.get("tokens_per_s"):
+        # both steps hold the same tokens (16 packed 1024-token rows); the median step is the layout's cost,
+        # the mean also carries one-off stalls (a recompile at an epoch's short last window, whose step
+        # depends on how each tokenizer split the data)
         result["internlm2_vs_llama_tokens_per_s"] = round(il2["tokens_per_s"] / td["tokens_per_s"], 3)
-        result["internlm2_vs_llama_within_3_percent"] = abs(il2["tokens_per_s"] / td["tokens_per_s"] - 1) <= 0.03
+        result["internlm2_vs_llama_median_step"] = round(td["median_step_s"] / il2["median_step_s"], 3)
+        result["internlm2_vs_llama_within_3_percent"] = abs(result["internlm2_vs_llama_median_step"] - 1) <= 0.03
     for name in MULTI_GPU:
         if runs.get(name, {}).get("tokens_per_s") and td.get("tokens_per_s"):
             result[f"{name}_scaling_vs_one_gpu"] = round(runs[name]["tokens_per_s"] / td["tokens_per_s"], 2)

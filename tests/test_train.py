@@ -33,7 +33,7 @@ def test_demo_learns_the_identity_and_the_base_does_not(tmp_path, capsys, cpu_bf
     base = next(line for line in out.splitlines() if line.startswith("base model : "))
     tuned = next(line for line in out.splitlines() if line.startswith("fine-tuned : "))
     assert tuned == f"fine-tuned : {IDENTITY}"
-    assert NAME not in base and "小助手" not in base
+    assert NAME not in base          # a random-init base may still babble pieces of the corpus, never the name
     run = next((tmp_path / "ws" / "work_dirs").iterdir())
     curve = losses(run)
     assert curve[max(curve)] < 0.2 * curve[1]            # the loss really fell
