@@ -123,6 +123,9 @@ def clean_partial(run: RunDirectory) -> list[Path]:
             if p.name.startswith(f".{CHECKPOINT_PREFIX}") and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
+            elif p.name.startswith(".status.json.") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink(missing_ok=True)          # a status write a kill interrupted
+                removed.append(p)
     return removed
 
 

@@ -10,12 +10,16 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
+from .runlock import FD_ENV as LOCK_FD_ENV
+from .runlock import LOCK_FILE, RunLock, claim
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -65,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs to train on (data parallel, via torchrun); default: one per --devices entry, else 1")
     p.add_argument("--devices", help="which GPUs, e.g. 0 or 1,3 (sets CUDA_VISIBLE_DEVICES for the run)")
     p.add_argument("--detach", action="store_true", help="run in the background; print the run directory")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the recipe differs from the run's own config.yaml")
 
     p = sub.add_parser("runs", help="list runs with state and progress")
     p.add_argument("--root", default="work_dirs")
@@ -308,10 +314,15 @@ def resolve_paths(recipe, base_dir: Path):
     })
 
 
+def _holds_files(folder: Path) -> bool:
+    """Anything in it but the run lock's own file."""
+    return any(p.name != LOCK_FILE for p in folder.iterdir())
+
+
 def _unique_run_dir(root: Path, stem: str) -> Path:
     cand = root / stem
     n = 2
-    while cand.exists() and any(cand.iterdir()):
+    while cand.exists() and _holds_files(cand):
         cand = root / f"{stem}_{n}"
         n += 1
     return cand
@@ -322,14 +333,18 @@ def _latest_run(root: Path, stem: str) -> Path | None:
 
     pattern = re.compile(rf"^{re.escape(stem)}(_\d+)?$")
     runs = [r for r in find_runs(root) if pattern.match(r.path.name)]
-    return runs[0].path if runs else None
+    with_checkpoint = [r for r in runs if r.latest_checkpoint() is not None]
+    # the newest run that can be continued (a failed attempt without checkpoints does not hide an older one)
+    return (with_checkpoint or runs)[0].path if runs else None
 
 
 def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resume: str | None,
-                deepspeed: str | None, base_dir: Path | None = None) -> tuple[Path, Path | None, str]:
-    """Validate the recipe and lay out the run directory; returns (run_dir, checkpoint, name)."""
+                deepspeed: str | None, base_dir: Path | None = None,
+                force: bool = False) -> tuple[Path, Path | None, str]:
+    """Validate the recipe and lay out the run directory; returns (run_dir, checkpoint, name). The run
+    directory's lock is taken here and held until the run ends (``_train_here`` / ``start_detached``)."""
     from .catalogue import deepspeed_config_path
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import read_trainer_state, resolve_checkpoint
     from .config import RecipeDocument, load_recipe
     from .runs import checkpoint_step
 
@@ -344,36 +359,115 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
     stem = cfg_path.stem
     root = base_dir / "work_dirs"
     ckpt: Path | None = None
+    if work_dir:
+        work = (base_dir / Path(work_dir).expanduser()).resolve()     # before anything runs elsewhere
+        if work.exists() and not work.is_dir():
+            raise UserError(f"--work-dir {work_dir}: is a file, not a directory")
     if resume and resume != "latest":
-        ckpt = resolve_checkpoint(resume)
-        run_dir = Path(work_dir) if work_dir else (ckpt.parent if checkpoint_step(ckpt) is not None else None)
+        ckpt = resolve_checkpoint(str((base_dir / Path(resume).expanduser()).resolve()))
+        run_dir = work if work_dir else (ckpt.parent if checkpoint_step(ckpt) is not None else None)
         if run_dir is None:
             raise UserError(f"--resume {resume}: not a tunedeck checkpoint; give --work-dir for the run")
     elif resume == "latest":
-        run_dir = Path(work_dir) if work_dir else _latest_run(root, stem)
+        run_dir = work if work_dir else _latest_run(root, stem)
         if run_dir is None:
             raise UserError(f"--resume: no earlier run of {stem} under {root}")
-        ckpt = resolve_checkpoint(run_dir)
     else:
-        if work_dir:
-            run_dir = Path(work_dir)
-            if run_dir.exists() and (run_dir / "status.json").exists():
-                raise UserError(f"--work-dir {run_dir}: already holds a run; pass --resume to continue it "
-                                "or choose another directory")
-        else:
-            run_dir = _unique_run_dir(root, stem)
+        run_dir = work if work_dir else _unique_run_dir(root, stem)
     run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = RecipeDocument(doc.data)
-    resolved.set("model.path", recipe.model.path)
-    resolved.set("data.data_path", recipe.data.data_path)
-    if recipe.llava.enabled:
-        for key in ("visual_encoder", "pretrained_pth", "image_folder", "evaluation_images"):
-            resolved.set(f"llava.{key}", getattr(recipe.llava, key))
-    resolved.save(run_dir / "config.yaml")
-    (run_dir / "source.json").write_text(json.dumps({"config": str(cfg_path.resolve()), "name": stem,
-                                                      "overrides": overrides}, ensure_ascii=False))
+    lock = claim(run_dir)                  # one trainer per run directory, from here to the run's end
+    try:
+        if resume == "latest":
+            ckpt = _checkpoint_or_restart(run_dir)
+        elif resume is None and work_dir:
+            _check_fresh_work_dir(run_dir)
+        if ckpt is not None:
+            read_trainer_state(ckpt)       # an unreadable checkpoint is refused here, not in a detached worker
+        resolved = RecipeDocument(doc.data)
+        resolved.set("model.path", recipe.model.path)
+        resolved.set("data.data_path", recipe.data.data_path)
+        if recipe.llava.enabled:
+            for key in ("visual_encoder", "pretrained_pth", "image_folder", "evaluation_images"):
+                resolved.set(f"llava.{key}", getattr(recipe.llava, key))
+        if ckpt is not None and (run_dir / "config.yaml").is_file():
+            _check_same_recipe(run_dir, resolved, force)
+        resolved.save(run_dir / "config.yaml")
+        (run_dir / "source.json").write_text(json.dumps({"config": str(cfg_path.resolve()), "name": stem,
+                                                          "overrides": overrides}, ensure_ascii=False))
+    except BaseException:
+        lock.release()
+        raise
+    _HELD_LOCKS[run_dir] = lock
     return run_dir, ckpt, stem
+
+
+_HELD_LOCKS: dict[Path, RunLock] = {}      # run directories this process has claimed (prepare_run)
+
+
+def _checkpoint_or_restart(run_dir: Path) -> Path | None:
+    """--resume: the latest complete checkpoint; a run killed before its first one starts again from step 0."""
+    from .runs import RunDirectory
+
+    latest = RunDirectory(run_dir).latest_checkpoint()
+    if latest is None:
+        print(f"{run_dir}: no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
+        _clear_run_files(run_dir)
+        return None
+    return Path(latest)
+
+
+def _clear_run_files(run_dir: Path) -> None:
+    """A run without checkpoints, started again in place: its old curve and status go, its log stays."""
+    for name in ("metrics.jsonl", "evals.jsonl", "status.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _check_fresh_work_dir(run_dir: Path) -> None:
+    """--work-dir without --resume: an empty or new folder, or a run with no checkpoint to lose."""
+    from .runs import RunDirectory
+
+    if not run_dir.is_dir() or not _holds_files(run_dir):
+        return
+    if not (run_dir / "status.json").exists():
+        raise UserError(f"--work-dir {run_dir}: exists and is not a run directory (its files would be "
+                        "overwritten); choose a new or empty directory")
+    if RunDirectory(run_dir).latest_checkpoint() is not None:
+        raise UserError(f"--work-dir {run_dir}: already holds a run with checkpoints; pass --resume to continue "
+                        "it or choose another directory")
+    print(f"{run_dir}: a run without checkpoints; starting it again from step 0", file=sys.stderr)
+    _clear_run_files(run_dir)
+
+
+def _check_same_recipe(run_dir: Path, resolved, force: bool) -> None:
+    """Resuming with a recipe that differs from the run's own is refused unless --force (the run's
+    config.yaml is then kept beside, as config.before-resume.yaml)."""
+    from .config import RecipeDocument
+
+    try:
+        old = _flat(RecipeDocument.load(run_dir / "config.yaml").data)
+    except Exception:                 # an unreadable config.yaml: the new one is all there is
+        return
+    new = _flat(resolved.data)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if not changed:
+        return
+    if not force:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise UserError(f"--resume: the recipe differs from the run's own config.yaml in {shown}{more}; "
+                        "resume with the run's config.yaml, or pass --force to continue with the new values")
+    shutil.copy(run_dir / "config.yaml", run_dir / "config.before-resume.yaml")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    if isinstance(data, list):
+        return {prefix.rstrip("."): [(_flat(x) if isinstance(x, dict) else x) for x in data]}
+    return {prefix.rstrip("."): data}
 
 
 def parse_devices(text: str | None) -> list[int] | None:
@@ -397,7 +491,7 @@ def cmd_train(args) -> int:
     if devices is not None and args.gpus > len(devices):
         raise UserError(f"--gpus: {args.gpus} is more than the {len(devices)} GPU(s) in --devices {args.devices}")
     run_dir, ckpt, name = prepare_run(args.config, args.overrides, work_dir=args.work_dir, resume=args.resume,
-                                      deepspeed=args.deepspeed)
+                                      deepspeed=args.deepspeed, force=args.force)
     if devices is not None:              # this process's children (detached worker, torchrun ranks) inherit it
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"        # the numbering nvidia-smi and the TUI show
@@ -410,8 +504,17 @@ def cmd_train(args) -> int:
         print(f"started pid {proc.pid}; follow with: tail -f {run_dir / 'train.log'}", file=sys.stderr)
         return 0
     if args.gpus > 1:
-        return _torchrun(run_dir, ckpt, args.gpus)
+        try:
+            return _torchrun(run_dir, ckpt, args.gpus)
+        finally:
+            _release(run_dir)
     return _train_here(run_dir, ckpt)
+
+
+def _release(run_dir: Path) -> None:
+    lock = _HELD_LOCKS.pop(run_dir, None)
+    if lock is not None:
+        lock.release()
 
 
 def _worker_cmd(run_dir: Path, ckpt: Path | None) -> list[str]:
@@ -428,9 +531,17 @@ def start_detached(run_dir: Path, ckpt: Path | None, gpus: int = 1) -> subproces
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.Popen([sys.executable, *_worker_cmd(run_dir, ckpt), "--gpus", str(gpus)],
-                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=run_dir, env=env)
+    lock = _HELD_LOCKS.pop(run_dir, None) or claim(run_dir)
+    fd = lock.hand_over()                 # the worker keeps this very lock: the directory is never unguarded
+    env[LOCK_FD_ENV] = str(fd)
+    try:
+        proc = subprocess.Popen([sys.executable, *_worker_cmd(run_dir, ckpt), "--gpus", str(gpus)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=run_dir, env=env, pass_fds=(fd,))
+    except BaseException:
+        lock.release()
+        raise
+    lock.forget()
     RunDirectory(run_dir).write_status(pid=proc.pid)
     return proc
 
@@ -442,6 +553,20 @@ def _torchrun(run_dir: Path, ckpt: Path | None, gpus: int) -> int:
 
 
 def _train_here(run_dir: Path, ckpt: Path | None) -> int:
+    """Train in this process (a foreground run, a detached worker or one torchrun rank), holding the run
+    directory's lock unless this is a torchrun rank (its launcher holds it)."""
+    run_dir = Path(run_dir).resolve()
+    lock = None
+    if "LOCAL_RANK" not in os.environ:
+        lock = _HELD_LOCKS.pop(run_dir, None) or RunLock.adopt(run_dir) or claim(run_dir)
+    try:
+        return _train_locked(run_dir, ckpt)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(run_dir: Path, ckpt: Path | None) -> int:
     from .config import load_recipe
     from .runs import RunDirectory
     from .trainer import run_training
@@ -467,10 +592,14 @@ def _train_here(run_dir: Path, ckpt: Path | None) -> int:
 
 
 def cmd_worker(args) -> int:
-    run_dir = Path(args.run_dir)
+    run_dir = Path(args.run_dir).resolve()
     ckpt = Path(args.resume_from) if args.resume_from else None
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
-        return _torchrun(run_dir, ckpt, args.gpus)
+        lock = RunLock.adopt(run_dir) or claim(run_dir)     # held while the ranks train
+        try:
+            return _torchrun(run_dir, ckpt, args.gpus)
+        finally:
+            lock.release()
     return _train_here(run_dir, ckpt)
 
 

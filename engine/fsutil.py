@@ -13,6 +13,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())             # as open() would create it, not mkstemp's 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -21,3 +22,36 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def mount_of(path: Path) -> tuple[str, str]:
+    """(device, mount point) of the filesystem holding ``path``, from /proc/mounts where it can be read."""
+    path = Path(path).resolve()
+    best = ("", "/")
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return best
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        dev, mnt = parts[0], parts[1].replace("\\040", " ")
+        if (path == Path(mnt) or Path(mnt) in path.parents) and len(mnt) >= len(best[1]):
+            best = (dev, mnt)
+    return best
+
+
+def disk_full_message(path: Path, what: str, error: OSError) -> str:
+    """One line for a write that ran out of space (ENOSPC / EDQUOT): the device, and what was being written."""
+    dev, mnt = mount_of(path)
+    where = f"{dev} (mounted at {mnt})" if dev else mnt
+    reason = "disk quota exceeded" if getattr(error, "errno", None) == 122 else "no space left on device"
+    target = f" ({Path(error.filename).name})" if getattr(error, "filename", None) else ""
+    return f"{reason} {where} while writing {what}{target}; free some space, then resume the run"

@@ -8,7 +8,7 @@ from pathlib import Path
 from .checkpoint import resolve_checkpoint
 from .errors import UserError
 from .internlm2 import is_internlm2, write_internlm2
-from .modeling import check_model_dir, load_error, read_adapter_meta, resolve_model
+from .modeling import check_model_dir, load_error, quiet_progress, read_adapter_meta, resolve_model
 
 
 def _bytes(size: str) -> int:
@@ -62,6 +62,7 @@ def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_s
     trust = meta.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
     progress(f"loading {base} on {device}")
+    quiet_progress()
     native, trust = resolve_model(base, trust)
     try:
         model = AutoModelForCausalLM.from_pretrained(native, dtype=dtype, trust_remote_code=trust,

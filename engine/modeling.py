@@ -226,6 +226,7 @@ def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4"
     fine-tune) are loaded in fp32 by the caller passing a float32 precision."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    quiet_progress()
     check_model_dir(path)
     native, trust_remote_code = resolve_model(path, trust_remote_code)
     compute = precision.autocast_dtype or torch.float32
@@ -289,6 +290,17 @@ def unpack_cpu_4bit(layer: torch.nn.Module) -> bool:
     if getattr(layer, "quant_state", None) is not None:
         layer.quant_state = w.quant_state
     return True
+
+
+def quiet_progress() -> None:
+    """transformers' "Loading weights" bars only in a terminal: piped or logged output gets the one
+    line that matters, not carriage-return noise."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def linear_target_modules(model: Any) -> list[str]:

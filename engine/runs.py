@@ -142,7 +142,10 @@ class RunDirectory:
         st = self.status()
         if st.get("state") not in ("running", "starting"):
             raise UserError(f"{self.path}: not running (state {st.get('state')})")
-        pid = int(st["pid"])
+        from .runlock import RunLock
+
+        holder = RunLock(self.path).holder()      # the live trainer, whatever status.json last said
+        pid = holder if holder and holder > 0 else int(st["pid"])
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:

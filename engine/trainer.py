@@ -12,6 +12,7 @@ as one big batch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import importlib.util
 import json
@@ -36,6 +37,7 @@ from .collector import StepCollector
 from .config import Recipe
 from .data import Row, build_rows, collate, load_conversations, render_masked, tokenize_conversations
 from .errors import UserError
+from .fsutil import disk_full_message
 from .memory import embedding_on, offload_saved_tensors
 from .modeling import Precision, apply_liger, attach_lora, load_model, load_tokenizer, pick_precision, resolve_model
 from .runs import RunDirectory
@@ -687,12 +689,18 @@ class Trainer:
 
             params = self.trainable if self.recipe.lora.enabled else list(model.parameters())
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        with gather:
-            path = save_checkpoint(self.run, self.pos.step, model=model, tokenizer=self.tokenizer,
-                                   trainer_state=trainer_state, meta=self.meta(),
-                                   optimizer=self.optimizer if self.ds_engine is None else None,
-                                   scheduler=self.scheduler if self.ds_engine is None else None,
-                                   scaler=self.scaler, extra_writer=extra, rank=self.rank)
+        try:
+            with gather:
+                path = save_checkpoint(self.run, self.pos.step, model=model, tokenizer=self.tokenizer,
+                                       trainer_state=trainer_state, meta=self.meta(),
+                                       optimizer=self.optimizer if self.ds_engine is None else None,
+                                       scheduler=self.scheduler if self.ds_engine is None else None,
+                                       scaler=self.scaler, extra_writer=extra, rank=self.rank)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            clean_partial(self.run)              # the half-written checkpoint goes; the earlier ones stay
+            raise UserError(disk_full_message(self.run.path, f"checkpoint-{self.pos.step}", e)) from None
         if self.rank == 0:
             removed = rotate_checkpoints(self.run, self.recipe.train.save_total_limit)
             log.info("saved %s%s", path.name, f" (removed {', '.join(p.name for p in removed)})" if removed else "")
