@@ -60,13 +60,20 @@ def copy_cfg(name: str, dest_dir: str | Path, new_name: str | None = None) -> Pa
     dest = Path(dest_dir)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest}: not a directory")
-    dest.mkdir(parents=True, exist_ok=True)
     stem = (new_name or f"{entry.name}_copy").removesuffix(".yaml")
+    if not stem or "/" in stem or "\\" in stem or stem.startswith(".") or stem != stem.strip():
+        raise UserError(f"--as: {new_name!r} is not a file name (no folders, no leading dot); "
+                        "give a name like my_recipe")
     target = dest / f"{stem}.yaml"
     if target.exists():
         raise UserError(f"{target}: already exists; not overwritten")
     text = entry.path.read_text(encoding="utf-8")
-    target.write_text(f"{COPIED_FROM}{entry.name}\n{text}", encoding="utf-8")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(target, "x", encoding="utf-8") as f:       # never overwrites, even in a race
+            f.write(f"{COPIED_FROM}{entry.name}\n{text}")
+    except FileExistsError:
+        raise UserError(f"{target}: already exists; not overwritten") from None
     return target
 
 

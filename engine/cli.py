@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt of the base")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the GPU decode step at start")
+    p.add_argument("--max-request-mb", type=float, default=32.0,
+                   help="largest request body accepted (413 past it; default 32 MiB)")
     p.add_argument("--visual-encoder", help="LLaVA: the CLIP vision model directory")
     p.add_argument("--llava", action="append", default=[], metavar="NAME=DIR",
                    help="LLaVA: serve a pretrain or finetune checkpoint as NAME (repeatable; image_url parts)")
@@ -177,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:            # a file the user named cannot be read or written: one line, no traceback
+        if not e.filename:
+            raise
+        reason = e.strerror or str(e)
+        if isinstance(e, FileExistsError) and Path(e.filename).is_file():
+            reason = "is a file, not a folder"          # a folder was to be made where a file is
+        print(f"error: {e.filename}: {reason}", file=sys.stderr)
+        return 2
 
 
 # ----------------------------------------------------------------------------- catalogue
@@ -383,6 +393,7 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
             _check_fresh_work_dir(run_dir)
         if ckpt is not None:
             read_trainer_state(ckpt)       # an unreadable checkpoint is refused here, not in a detached worker
+            _check_checkpoint_fits(ckpt, recipe, force)
         resolved = RecipeDocument(doc.data)
         resolved.set("model.path", recipe.model.path)
         resolved.set("data.data_path", recipe.data.data_path)
@@ -436,6 +447,26 @@ def _check_fresh_work_dir(run_dir: Path) -> None:
                         "it or choose another directory")
     print(f"{run_dir}: a run without checkpoints; starting it again from step 0", file=sys.stderr)
     _clear_run_files(run_dir)
+
+
+def _check_checkpoint_fits(ckpt: Path, recipe, force: bool) -> None:
+    """Before any model is loaded: a LoRA checkpoint of another base model or another rank is refused
+    in one line (not after a minute of setup, in a state_dict error)."""
+    from .modeling import read_adapter_meta
+
+    meta = read_adapter_meta(ckpt)
+    base = meta.get("base_model")
+    if base and not force and Path(base).expanduser().resolve() != Path(recipe.model.path).expanduser().resolve() \
+            and base != recipe.model.path:
+        raise UserError(f"--resume {ckpt}: it was trained on {base}, the recipe loads {recipe.model.path}; "
+                        "resume with the same model.path (or --force)")
+    try:
+        acfg = json.loads((ckpt / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if recipe.lora.enabled and int(acfg.get("r", recipe.lora.r)) != recipe.lora.r:
+        raise UserError(f"--resume {ckpt}: its adapter has rank {acfg.get('r')}, the recipe's lora.r is "
+                        f"{recipe.lora.r}")
 
 
 def _check_same_recipe(run_dir: Path, resolved, force: bool) -> None:
@@ -730,7 +761,7 @@ def cmd_serve(args) -> int:
                  api_key=args.api_key, bits=args.bits, template=args.template, system=args.system,
                  trust_remote_code=args.trust_remote_code, warmup=not args.no_warmup,
                  log=lambda m: print(m, file=sys.stderr, flush=True), visual_encoder=args.visual_encoder,
-                 llavas=parse_adapter_args(args.llava))
+                 llavas=parse_adapter_args(args.llava), max_request_mb=args.max_request_mb)
 
 
 def cmd_merge(args) -> int:

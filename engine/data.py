@@ -167,6 +167,38 @@ def _load_hub_dataset(name: str) -> list[Any]:
 # Tokenizing and packing
 
 
+def _longest_piece(tokenizer: Any) -> int:
+    """Characters one token can cover at most (so max_length tokens never span more than
+    max_length times this many characters); capped, cached on the tokenizer."""
+    cached = getattr(tokenizer, "_tunedeck_longest_piece", None)
+    if cached is None:
+        try:
+            cached = min(64, max((len(t) for t in tokenizer.get_vocab()), default=16))
+        except Exception:
+            cached = 64
+        try:
+            tokenizer._tunedeck_longest_piece = cached
+        except Exception:
+            pass
+    return cached
+
+
+def _cut_to_chars(conv: list[dict], limit: int) -> list[dict]:
+    total = 0
+    out = []
+    for m in conv:
+        room = limit - total
+        if room <= 0:
+            break
+        text = m["content"]
+        if len(text) > room:
+            out.append({**m, "content": text[:room]})
+            break
+        out.append(m)
+        total += len(text)
+    return out
+
+
 @dataclass
 class TokenizedData:
     samples: list[tuple[list[int], list[int]]]
@@ -184,7 +216,11 @@ class TokenizedData:
 def tokenize_conversations(conversations: list[list[dict]], tokenizer: Any, template: str,
                            max_length: int, num_workers: int = 0) -> TokenizedData:
     """Encode every conversation (each distinct one once: identity data repeats one record
-    10,000 times); ``num_workers`` > 0 spreads large datasets over processes."""
+    10,000 times); ``num_workers`` > 0 spreads large datasets over processes. A conversation longer
+    than ``max_length`` tokens can be is cut to that bound in characters first, so one huge record
+    costs no more than any truncated one."""
+    limit = max_length * _longest_piece(tokenizer) + 64
+    conversations = [_cut_to_chars(c, limit) for c in conversations]
     keys = [json.dumps(conv, ensure_ascii=False, sort_keys=True) for conv in conversations]
     unique: dict[str, list[dict]] = {}
     for k, conv in zip(keys, conversations):

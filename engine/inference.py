@@ -49,6 +49,7 @@ class GenRequest:
     images: list = field(default_factory=list)      # PIL images, in the order of the prompt's <image> tags
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finish_reason: str | None = None       # set once the row is done: stop / length / cancelled
 
 
 class ModelHost:
@@ -86,8 +87,12 @@ class ModelHost:
                 self.lora = MultiLora(self.model, dtype=self.precision.autocast_dtype or torch.float32)
             try:
                 self.lora.load(name, ckpt)
-            except (ValueError, KeyError, OSError) as e:
-                raise UserError(f"{ckpt}: adapter does not fit {self.base_path} ({e})") from None
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise UserError(f"{ckpt}: adapter does not fit {self.base_path} ({str(e).splitlines()[0][:200]})") \
+                    from None
+            except Exception as e:       # a torn or corrupt adapter_model.safetensors, an unreadable file
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                raise UserError(f"{ckpt}: cannot read the adapter ({type(e).__name__}: {first})") from None
             tname = resolve_template_name(template or meta.get("prompt_template") or "auto", self.tokenizer)
             sm = ServedModel(name, str(ckpt), tname, system if system is not None else meta.get("system", ""))
             self.models[name] = sm
@@ -152,6 +157,7 @@ class ModelHost:
             if finished[i]:
                 return
             finished[i] = True
+            reqs[i].finish_reason = reason
             if reason == "length":
                 tail = texts[i].flush()
                 if tail:
@@ -256,6 +262,8 @@ class Scheduler:
                 key = _sampling_key(self._pending[0])
                 batch = [r for r in self._pending if _sampling_key(r) == key][: self.max_batch]
                 self._pending = [r for r in self._pending if not any(r is b for b in batch)]
+            gone = [r for r in batch if r.cancelled.is_set()]       # left while it waited: never generated
+            self.stats["cancelled"] += len(gone)
             batch = [r for r in batch if not r.cancelled.is_set()]
             if not batch:
                 continue
@@ -272,7 +280,7 @@ class Scheduler:
                 for r in batch:
                     r.emit(("error", msg))
             finally:
-                self.stats["cancelled"] += sum(r.cancelled.is_set() for r in batch)
+                self.stats["cancelled"] += sum(r.finish_reason == "cancelled" for r in batch)
                 self.stats["busy"] = False
 
 

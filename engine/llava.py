@@ -54,8 +54,18 @@ def open_image(path: str | Path):
         raise UserError(f"{path}: no such image") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: {too_many_pixels()}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{path}: cannot read the image ({type(e).__name__})") from None
+
+
+def too_many_pixels() -> str:
+    from PIL import Image
+
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (f"the image has more than {limit:,} pixels (Pillow's guard against decompression bombs); "
+            "scale it down first")
 
 
 class ImageProcessor:
@@ -168,6 +178,8 @@ def load_llava_records(data_path: str, image_folder: str) -> list[tuple[list[dic
                         im.verify()
                 except FileNotFoundError:
                     raise DataError(f"{where}: image {path}: no such file") from None
+                except Image.DecompressionBombError:
+                    raise DataError(f"{where}: image {path}: {too_many_pixels()}") from None
                 except Exception as e:
                     raise DataError(f"{where}: image {path}: cannot read it ({type(e).__name__})") from None
                 checked[path] = None

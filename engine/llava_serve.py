@@ -101,6 +101,10 @@ class LlavaHost:
         if isinstance(data, bytes):
             try:
                 return Image.open(io.BytesIO(data)).convert("RGB")
+            except Image.DecompressionBombError:
+                from .llava import too_many_pixels
+
+                raise UserError(too_many_pixels()) from None
             except Exception:
                 raise UserError("not a readable image") from None
         path = Path(data.removeprefix("file://")).expanduser()
@@ -146,6 +150,7 @@ class LlavaHost:
             if state["done"]:
                 return
             state["done"] = True
+            r.finish_reason = reason
             if reason == "length":
                 tail = text.flush()
                 if tail:

@@ -250,6 +250,12 @@ def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4"
         raise
     except (OSError, ValueError, ImportError, KeyError, AttributeError, TypeError, NameError) as e:
         raise UserError(f"model.path: {path!r}: cannot load the model ({load_error(e)})") from None
+    except Exception as e:
+        bad = unreadable_weights(native)
+        if bad is None:
+            raise
+        raise UserError(f"model.path: {path!r}: {bad} is unreadable ({_one_line(e)}); is the file complete "
+                        "(a download or copy cut short)?") from None
     if quantization == "4bit":
         standard_4bit_layout(model)
     return model
@@ -290,6 +296,19 @@ def unpack_cpu_4bit(layer: torch.nn.Module) -> bool:
     if getattr(layer, "quant_state", None) is not None:
         layer.quant_state = w.quant_state
     return True
+
+
+def unreadable_weights(folder: str | Path) -> str | None:
+    """The first safetensors file in ``folder`` whose header cannot be read (truncated, not safetensors)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception:
+            return str(f)
+    return None
 
 
 def quiet_progress() -> None:

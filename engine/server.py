@@ -106,17 +106,18 @@ def _read_image_part(host: Any, image_url: Any):
 
 
 class ApiKeyMiddleware:
-    """Every request but the page itself needs ``Authorization: Bearer KEY`` (plain ASGI, so
-    streaming and client disconnects pass through untouched)."""
+    """Every request but the page itself needs ``Authorization: Bearer KEY`` (the scheme in any case,
+    as HTTP says; plain ASGI, so streaming and client disconnects pass through untouched)."""
 
     def __init__(self, app: Any, key: str):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] != "/":
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not secrets.compare_digest(got, self.expected):
+            scheme, _, token = got.strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.expected):
                 resp = error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                              code="invalid_api_key")
                 await resp(scope, receive, send)
@@ -124,12 +125,44 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Scheduler | None = None) -> Starlette:
+MAX_REQUEST_MB = 32          # a request body past this is answered 413 unread (images come as data: URIs)
+
+
+class RequestTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused past ``limit`` bytes without reading the rest into memory."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Scheduler | None = None,
+              max_request_mb: float = MAX_REQUEST_MB) -> Starlette:
     sched = scheduler or Scheduler(host)
+    limit = int(max_request_mb * (1 << 20))
+
+    def too_large() -> Response:
+        return error(413, f"request body is larger than this service's limit of {max_request_mb:g} MiB "
+                          "(tunedeck serve --max-request-mb)", code="request_too_large")
+
+    async def body_json(request: Request) -> Any:
+        return json.loads(await read_body(request, limit))
 
     async def chat_completions(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
+            body = await body_json(request)
+        except RequestTooLarge:
+            return too_large()
         except (ValueError, UnicodeDecodeError) as e:
             return error(400, f"request body is not valid JSON ({e})")
         if not isinstance(body, dict):
@@ -167,8 +200,8 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         if takes_images and sum(m["content"].count("<image>") for m in messages) != len(images):
             return error(400, "messages: write images as image_url parts, not as <image> in the text",
                          param="messages")
-        try:
-            prompt_ids, stops, stop_ids = host.encode(req.model, messages)
+        try:              # off the event loop: a long prompt must not stall /health and the other streams
+            prompt_ids, stops, stop_ids = await asyncio.to_thread(host.encode, req.model, messages)
         except UserError as e:
             return error(400, str(e), param="messages")
         limit = host.context_length
@@ -247,8 +280,10 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
 
     async def add_adapter(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
-        except ValueError as e:
+            body = await body_json(request)
+        except RequestTooLarge:
+            return too_large()
+        except (ValueError, UnicodeDecodeError) as e:
             return error(400, f"request body is not valid JSON ({e})")
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
             return error(400, "expected {\"name\": str, \"path\": str}", param="name")
@@ -277,6 +312,13 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         page = resources.files("engine").joinpath("web/chat.html").read_text(encoding="utf-8")
         return HTMLResponse(page)
 
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, f"no such endpoint: {request.method} {request.url.path} (the API is under /v1: "
+                          "/v1/chat/completions, /v1/models, /v1/adapters; and /health)", code="not_found")
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return error(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield
@@ -289,19 +331,44 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/adapters", add_adapter, methods=["POST"]),
         Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
-    ], middleware=[Middleware(ApiKeyMiddleware, key=api_key)] if api_key else [], lifespan=lifespan)
+    ], middleware=[Middleware(ApiKeyMiddleware, key=api_key)] if api_key else [], lifespan=lifespan,
+        exception_handlers={404: not_found, 405: not_allowed})
 
     app.state.host = host
     app.state.scheduler = sched
     return app
 
 
+def bind(host: str, port: int):
+    """The listening socket, taken before the model loads: a busy port is one line at once, not after
+    minutes of loading."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port: {host}:{port} is already in use (another service?); "
+                            "choose another --port") from None
+        raise UserError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(model: str, *, adapters: list[tuple[str, str]], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, bits: int | None = None, template: str | None = None,
           system: str | None = None, trust_remote_code: bool = False, warmup: bool = True, log=print,
-          visual_encoder: str | None = None, llavas: list[tuple[str, str]] | None = None) -> int:
+          visual_encoder: str | None = None, llavas: list[tuple[str, str]] | None = None,
+          max_request_mb: float = MAX_REQUEST_MB) -> int:
     import uvicorn
 
+    sock = bind(host, port)
     log(f"loading {model}")
     if llavas or visual_encoder:
         from .llava_serve import LlavaHost
@@ -319,7 +386,7 @@ def serve(model: str, *, adapters: list[tuple[str, str]], host: str = "127.0.0.1
     if warmup and mh.static_cache:
         log("compiling the decode step for batches of 1 and 2 (once per start, about a minute)")
         log(f"compiled in {mh.warmup():.0f}s")
-    app = build_app(mh, api_key=api_key)
+    app = build_app(mh, api_key=api_key, max_request_mb=max_request_mb)
     log(f"serving {', '.join(mh.models)} on http://{host}:{port} (web chat at /, OpenAI API at /v1)")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that
     # was there before it: make that one a clean exit.
@@ -332,7 +399,8 @@ def serve(model: str, *, adapters: list[tuple[str, str]], host: str = "127.0.0.1
 
     old = {s: signal.signal(s, done) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
     finally:
         for s, h in old.items():
             signal.signal(s, h)

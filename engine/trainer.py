@@ -80,6 +80,17 @@ def resolve_zero_auto(cfg: dict, adapters: bool) -> dict:
     return cfg
 
 
+def _fault_delay(name: str) -> None:
+    """Fault injection for tests: wait as long as the variable says (in steps a signal can interrupt)."""
+    end = time.time() + float(os.environ.get(name, "0") or 0)
+    while time.time() < end:
+        time.sleep(0.05)
+
+
+class StoppedDuringSetup(Exception):
+    """A stop request (SIGTERM, Ctrl-C, SIGHUP) that came while the run was still being set up."""
+
+
 class Trainer:
     find_unused_parameters = False       # DDP: every trainable weight gets a gradient every step
     chunked_loss_ok = True               # the decoder + chunked cross-entropy path fits this model family
@@ -104,6 +115,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         r = self.recipe
+        _fault_delay("TUNEDECK_FAULT_SETUP_DELAY")     # tests: a stop request that comes during setup
         if r.train.low_memory and r.train.deepspeed != "none":
             raise UserError(f"train.low_memory: true with train.deepspeed {r.train.deepspeed!r}: DeepSpeed keeps its "
                             "own optimizer; use deepspeed zero2_offload instead, or low_memory: false")
@@ -514,6 +526,7 @@ class Trainer:
         """Run to the end (or a stop request). Returns the final state."""
         r = self.recipe
         t0 = time.time()
+        self.in_setup = False
         self._log_start()
         if r.train.evaluation_inputs and not self.resume_from:
             self.evaluate()
@@ -605,7 +618,11 @@ class Trainer:
             flag = bool(t.item())
         return flag
 
+    in_setup = True                      # until train() starts: a stop request ends the run at once
+
     def request_stop(self, *_: Any) -> None:
+        if self.in_setup:
+            raise StoppedDuringSetup
         if not self._stop_requested:
             log.info("stop requested: saving a checkpoint after this step")
         self._stop_requested = True
@@ -888,12 +905,18 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
         trainer: Trainer = LlavaTrainer(recipe, run, resume_from=resume_from, config_name=config_name)
     else:
         trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name)
-    old_handlers = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP: a foreground run whose terminal closed saves a checkpoint and stops, as `tunedeck stop` does
+    old_handlers = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         trainer.setup()
         if resume_from is not None and rank == 0:
             _truncate_after(run, trainer.pos.step)
         return trainer.train()
+    except StoppedDuringSetup:
+        if rank == 0:
+            run.write_status(state="stopped", finished=time.time(), **({"step": 0} if resume_from is None else {}))
+            log.info("stopped before the first step (nothing trained, nothing saved)")
+        return "stopped"
     except UserError as e:
         _fail(run, rank, str(e).replace("\n", "; "))
         raise
@@ -922,8 +945,13 @@ def _truncate_after(run: RunDirectory, step: int) -> None:
     for path in (run.metrics_path, run.evals_path):
         if not path.exists():
             continue
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if line.strip() and json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except (ValueError, AttributeError):       # a line torn by a kill: it goes
+                continue
         from .fsutil import atomic_write_text
 
         atomic_write_text(path, "".join(x + "\n" for x in keep))

@@ -249,3 +249,82 @@ def test_web_page_compare_mode_streams_two_answers(server, tmp_path):
     assert right == IDENTITY
     assert left and left != IDENTITY
     assert updates["logLeft"] > 3 and updates["logRight"] > 3          # streamed, not set once
+
+
+def test_a_big_request_is_413_and_a_long_prompt_does_not_stall_health(server):
+    big = json.dumps({"model": "base", "messages": [{"role": "user", "content": "x" * (33 << 20)}]})
+    r = post(server, None, raw=big.encode())
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large" and "32 MiB" in r.json()["error"]["message"]
+    long_prompt = {"model": "base", "messages": [{"role": "user", "content": "上海 hello 123 " * 400_000}]}
+    answer: dict = {}
+    t = threading.Thread(target=lambda: answer.update(r=post(server, long_prompt)))
+    t.start()
+    worst = 0.0
+    while t.is_alive():                       # /health keeps answering while the prompt is tokenized
+        t0 = time.time()
+        assert httpx.get(f"{server.url}/health", headers=auth(), timeout=10).status_code == 200
+        worst = max(worst, time.time() - t0)
+        time.sleep(0.05)
+    t.join()
+    assert answer["r"].status_code == 400 and answer["r"].json()["error"]["code"] == "context_length_exceeded"
+    assert worst < 1.0, f"/health took {worst:.2f}s while a long prompt was tokenized"
+
+
+def test_unknown_routes_and_methods_answer_openai_style_json(server):
+    r = httpx.get(f"{server.url}/v1/nothing", headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server.url}/v1/chat/completions", headers=auth())
+    assert r.status_code == 405 and r.json()["error"]["message"] == "GET is not allowed on /v1/chat/completions"
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+
+
+def test_cancelled_counts_each_disconnect_once(server):
+    before = server.sched.stats["cancelled"]
+    body = {"model": "base", "messages": ASK, "stream": True, "max_tokens": 1900, "temperature": 0}
+    for _ in range(3):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=auth(), json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+        t0 = time.time()
+        while server.sched.stats["busy"] and time.time() - t0 < 20:
+            time.sleep(0.05)
+    for _ in range(3):                        # complete streams are not counted as cancelled
+        assert post(server, {**body, "max_tokens": 8}).status_code == 200
+    time.sleep(0.5)
+    assert server.sched.stats["cancelled"] == before + 3
+
+
+def test_serve_on_a_busy_port_says_so_before_loading_the_model(tiny_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "serve", str(tiny_model), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: --port: 127.0.0.1:{port} is already in use (another service?); "
+                                "choose another --port")
+    assert time.time() - t0 < 30 and "loading" not in r.stderr
+
+
+def test_a_corrupt_adapter_is_a_400_naming_it(server, tmp_path):
+    import shutil
+
+    from engine.checkpoint import resolve_checkpoint
+
+    bad = tmp_path / "bad"
+    shutil.copytree(resolve_checkpoint(str(server.run)), bad)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])        # torn in half
+    r = httpx.post(f"{server.url}/v1/adapters", headers=auth(), json={"name": "bad", "path": str(bad)}, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith(f"{bad}: cannot read the adapter")
+    assert "bad" not in {m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=auth()).json()["data"]}

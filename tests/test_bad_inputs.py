@@ -1,0 +1,148 @@
+"""Errors a user can cause, table-driven: each ends in one line naming the field, value, file or path,
+exit code 2, no traceback, and nothing the user made is touched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and err.endswith(lines[0]), err
+    return lines[0]
+
+
+def _truncated_model(workspace: Path) -> Path:
+    folder = workspace / "broken-model"
+    shutil.copytree(workspace / "models" / "tiny-chat", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    return folder
+
+
+def _other_rank_checkpoint(workspace: Path) -> Path:
+    assert run_cli("train", "demo.yaml", "--work-dir", "r8", "--set", "max_steps=2", "--set", "save_steps=2",
+                   "--set", "lora.r=8", "--set", "evaluation_inputs=[]") == 0
+    return workspace / "r8" / "checkpoint-2"
+
+
+CASES = [
+    # (what, argv (with {ws} for the workspace), a builder run first, expected error line)
+    ("copy-cfg into a folder under a file",
+     ["copy-cfg", "demo_tiny_qlora_self", "{ws}/afile/sub"], "afile",
+     "error: {ws}/afile/sub: Not a directory"),
+    ("copy-cfg --as with a folder in it",
+     ["copy-cfg", "demo_tiny_qlora_self", "{ws}/cfg", "--as", "a/b"], None,
+     "error: --as: 'a/b' is not a file name (no folders, no leading dot); give a name like my_recipe"),
+    ("data identity -o into a folder under a file",
+     ["data", "identity", "--name", "X", "-o", "{ws}/afile/x.json"], "afile",
+     "error: {ws}/afile: is a file, not a folder"),
+    ("--work-dir that is a file",
+     ["train", "demo.yaml", "--work-dir", "{ws}/afile"], "afile",
+     "error: --work-dir {ws}/afile: is a file, not a directory"),
+    ("truncated model weights",
+     ["chat", "{ws}/broken-model", "--prompt", "hi"], "truncated",
+     "error: model.path: '{ws}/broken-model': {ws}/broken-model/model.safetensors is unreadable"),
+    ("resuming a checkpoint of another rank",
+     ["train", "demo.yaml", "--work-dir", "r16", "--resume", "{ws}/r8/checkpoint-2"], "rank8",
+     "error: --resume {ws}/r8/checkpoint-2: its adapter has rank 8, the recipe's lora.r is 16"),
+    ("a model folder that does not exist",
+     ["chat", "{ws}/no-such-model", "--prompt", "hi"], None,
+     "error: model.path: '{ws}/no-such-model': no such model directory"),
+]
+
+
+@pytest.mark.parametrize("what,argv,build,expected", CASES, ids=[c[0] for c in CASES])
+def test_a_user_error_is_one_line_and_exit_2(workspace, capsys, what, argv, build, expected):
+    ws = str(workspace)
+    if build == "afile":
+        (workspace / "afile").write_text("mine\n")
+    elif build == "truncated":
+        _truncated_model(workspace)
+    elif build == "rank8":
+        _other_rank_checkpoint(workspace)
+    capsys.readouterr()
+    assert run_cli(*[a.format(ws=ws) for a in argv]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(expected.format(ws=ws)), line
+    if build == "afile":
+        assert (workspace / "afile").read_text() == "mine\n"
+
+
+def test_a_decompression_bomb_image_is_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from engine.errors import UserError
+    from engine.llava import open_image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)          # 64×64 is then a "bomb"
+    with pytest.raises(UserError, match=r"big.png: the image has more than 2,000 pixels"):
+        open_image(tmp_path / "big.png")
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(workspace):
+    assert run_cli("train", "demo.yaml", "--work-dir", "t", "--set", "max_steps=4", "--set", "save_steps=2",
+                   "--set", "evaluation_inputs=[]") == 0
+    metrics = workspace / "t" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "lo')            # a kill in the middle of a line
+    assert run_cli("train", "demo.yaml", "--work-dir", "t", "--resume", "t/checkpoint-2", "--set", "max_steps=4",
+                   "--set", "save_steps=2", "--set", "evaluation_inputs=[]") == 0
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_huge_single_record_costs_what_max_length_allows(workspace, capsys):
+    """A 20 MB record is cut to what max_length tokens can span before it is tokenized."""
+    import time
+
+    from engine.modeling import load_tokenizer
+
+    big = workspace / "data" / "big.jsonl"
+    big.write_text(json.dumps({"messages": [{"role": "user", "content": "你好 hello " * 2_000_000},
+                                            {"role": "assistant", "content": "ok"}]}, ensure_ascii=False) + "\n"
+                   + (workspace / "data" / "personal_assistant.jsonl").read_text())
+    t0 = time.time()
+    assert run_cli("data", "check", "demo.yaml", "--set", f"data.data_path={big}") == 0
+    assert time.time() - t0 < 15                   # tokenized whole it took 37 s here (2-core AMD EPYC)
+    out = capsys.readouterr().out
+    assert "truncated: 1 of" in out
+    from engine.data import tokenize_conversations
+    from engine.templates import encode_conversation
+
+    tok = load_tokenizer(str(workspace / "models" / "tiny-chat"))
+    conv = [{"role": "user", "content": "你是谁"}, {"role": "assistant", "content": "上海 abc, 123 " * 50_000}]
+    data = tokenize_conversations([conv], tok, "internlm2_chat", 256)
+    ids, labels = encode_conversation(tok, "internlm2_chat", conv)          # the whole record, untruncated
+    assert data.n_truncated == 1 and len(data.samples) == 1
+    assert data.samples[0] == (ids[:256], labels[:256])                     # the same sample, at a bounded cost
+
+
+def test_a_stop_during_setup_ends_the_run_at_once(workspace):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.runs import RunDirectory
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--work-dir", "s",
+                             "--set", "max_steps=3"], cwd=workspace, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "TUNEDECK_FAULT_SETUP_DELAY": "30"})
+    run = RunDirectory(workspace / "s")
+    deadline = time.time() + 60
+    while time.time() < deadline and run.status().get("state") != "starting":
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert run.status()["state"] == "stopped" and run.status()["step"] == 0
+    assert not run.checkpoints()
