@@ -83,11 +83,10 @@ def save_checkpoint(run: RunDirectory, step: int, *, model: Any, tokenizer: Any,
         extra_writer(tmp)
     if rank != 0:
         return final
-    delay = float(os.environ.get("TUNEDECK_FAULT_CHECKPOINT_DELAY", "0") or 0)
-    if delay:  # fault injection for the kill-during-write test: the window a kill -9 lands in
-        time.sleep(delay)
+    _fault_pause("files")      # fault injection for the kill -9 trials: the window a kill lands in
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     _fsync_tree(tmp)
+    _fault_pause("rename")
     if final.exists():  # re-saving a step after resuming from an earlier checkpoint
         old = run.path / f".{CHECKPOINT_PREFIX}{step}.old"
         if old.exists():
@@ -111,8 +110,18 @@ def rotate_checkpoints(run: RunDirectory, limit: int) -> list[Path]:
     for p in removed:
         doomed = p.with_name(f".{p.name}.deleting")
         os.rename(p, doomed)       # atomic: it stops looking complete at once
+        _fault_pause("rotate")
         shutil.rmtree(doomed, ignore_errors=True)
     return removed
+
+
+def _fault_pause(stage: str) -> None:
+    """Tests' kill -9 trials: TUNEDECK_FAULT_CHECKPOINT_DELAY seconds at TUNEDECK_FAULT_CHECKPOINT_STAGE
+    (files: every file written but trainer_state.json; rename: all written, before the rename; rotate:
+    an old checkpoint renamed for deletion, not yet deleted)."""
+    delay = float(os.environ.get("TUNEDECK_FAULT_CHECKPOINT_DELAY", "0") or 0)
+    if delay and os.environ.get("TUNEDECK_FAULT_CHECKPOINT_STAGE", "files") == stage:
+        time.sleep(delay)
 
 
 def clean_partial(run: RunDirectory) -> list[Path]:

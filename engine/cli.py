@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # the libraries' deprecation notices are for tunedeck's authors, not for the console
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch)(\.|$)")
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.verb:

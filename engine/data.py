@@ -37,7 +37,11 @@ def read_records(path: str | Path) -> list[Any]:
     except FileNotFoundError:
         raise DataError(f"{p}: no such data file") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        raw = p.read_bytes()
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte {column} of the line: {raw[e.start:e.start + 1]!r}); "
+                        "save the file as UTF-8") from None
     except OSError as e:
         raise DataError(f"{p}: cannot read ({e.strerror})") from None
     stripped = text.lstrip()
@@ -140,9 +144,9 @@ def load_conversations(data_path: str, fmt: str = "auto") -> list[list[dict]]:
     if fmt == "auto":
         fmt = detect_format(records[0]) or ""
         if not fmt:
-            raise DataError(f"{source}: record 0: unknown format; expected 'messages' (openai), "
+            raise DataError(f"{source}: record 1: unknown format; expected 'messages' (openai), "
                             "'instruction'/'output' (alpaca) or 'conversations' (sharegpt)")
-    return [to_messages(r, fmt, f"{source}: record {i}") for i, r in enumerate(records)]
+    return [to_messages(r, fmt, f"{source}: record {i}") for i, r in enumerate(records, 1)]   # 1-based, as LLaVA's
 
 
 def _load_hub_dataset(name: str) -> list[Any]:
@@ -154,7 +158,14 @@ def _load_hub_dataset(name: str) -> list[Any]:
         if suffix in builders and Path(name).exists():
             ds = datasets.load_dataset(builders[suffix], data_files=name, split="train")
         else:
+            from .hub import explicitly_offline, hub_reachable
+
+            if not explicitly_offline() and not hub_reachable():
+                raise DataError(f"data_path {name!r}: no such local file, and the hub cannot be reached from here "
+                                "to fetch a dataset of that name; give a local .json/.jsonl path")
             ds = datasets.load_dataset(name, split="train")
+    except DataError:
+        raise
     except Exception as e:  # offline, unknown name, ...
         raise DataError(f"data_path {name!r}: not a local file, and datasets could not load it "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

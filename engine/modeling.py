@@ -70,6 +70,11 @@ def check_model_dir(path: str, need_config: bool = True) -> None:
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise UserError(f"model.path: {path!r}: no such model directory")
+    from .hub import cached_model, explicitly_offline, hub_reachable
+
+    if not cached_model(path) and (explicitly_offline() or not hub_reachable()):
+        raise UserError(f"model.path: {path!r}: no such local folder, not in the Hugging Face cache, and the hub "
+                        "cannot be reached from here to download it; give the model's local folder")
 
 
 def resolve_model(path: str, trust_remote_code: bool = False) -> tuple[str, bool]:

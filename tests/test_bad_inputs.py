@@ -146,3 +146,22 @@ def test_a_stop_during_setup_ends_the_run_at_once(workspace):
     assert proc.wait(20) == 0
     assert run.status()["state"] == "stopped" and run.status()["step"] == 0
     assert not run.checkpoints()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["data", "check", "demo.yaml", "--set", "data.data_path=mydata"],
+     "error: data_path 'mydata': no such local file, and the hub cannot be reached"),
+    (["chat", "someone/some-model", "--prompt", "hi"],
+     "error: model.path: 'someone/some-model': no such local folder, not in the Hugging Face cache"),
+], ids=["dataset name", "model id"])
+def test_a_hub_name_on_a_machine_that_cannot_reach_the_hub_fails_in_seconds(workspace, capsys, monkeypatch,
+                                                                           argv, expected):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")          # nothing listens there: unreachable
+    monkeypatch.setenv("HF_HUB_CACHE", str(workspace / "empty-hf-cache"))
+    t0 = time.time()
+    assert run_cli(*argv) == 2
+    assert time.time() - t0 < 15
+    assert _one_error_line(capsys).startswith(expected)

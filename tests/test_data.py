@@ -47,15 +47,17 @@ def test_formats_convert_to_messages(tmp_path):
      "bad.jsonl", "bad.jsonl:2: malformed JSON line"),
     ('[\n  {"messages": []},\n  {oops}\n]', "bad.json", "bad.json:3: malformed JSON"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"text": "x"}\n',
-     "keys.jsonl", "record 1: missing key 'messages'"),
+     "keys.jsonl", "record 2: missing key 'messages'"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
-     "role.jsonl", "record 0: message 1 has unknown role 'robot'"),
+     "role.jsonl", "record 1: message 1 has unknown role 'robot'"),
     ("", "empty.jsonl", "the dataset is empty"),
+    ('{"messages": []}\n{"messages": "caf\xe9"}\n'.encode("latin-1"), "latin1.jsonl",
+     "latin1.jsonl:2: not UTF-8 text (byte 18 of the line"),
     ("[]", "empty.json", "the dataset is empty"),
 ])
 def test_bad_data_names_the_place(tmp_path, content, name, expect):
     p = tmp_path / name
-    p.write_text(content)
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError) as e:
         load_conversations(str(p))
     assert expect in str(e.value)

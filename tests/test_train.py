@@ -206,16 +206,23 @@ def _wait_for(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_kill_9_during_checkpoint_write_leaves_the_last_one_intact(workspace):
+KILL_POINTS = {   # stage: the file whose appearance means the kill lands inside that stage
+    "files": ".checkpoint-8.tmp/adapter_model.safetensors",
+    "rename": ".checkpoint-8.tmp/trainer_state.json",
+}
+
+
+@pytest.mark.parametrize("stage", list(KILL_POINTS))
+def test_kill_9_during_checkpoint_write_leaves_the_last_one_intact(workspace, stage):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run = workspace / "k"
     proc = _spawn_train(workspace, "--work-dir", "k", "--set", "max_steps=12", "--set", "save_steps=4",
-                        "--set", "save_total_limit=-1", env={"TUNEDECK_FAULT_CHECKPOINT_DELAY": "2"})
+                        "--set", "save_total_limit=-1",
+                        env={"TUNEDECK_FAULT_CHECKPOINT_DELAY": "3", "TUNEDECK_FAULT_CHECKPOINT_STAGE": stage})
     try:
-        _wait_for(lambda: (run / ".checkpoint-8.tmp" / "adapter_model.safetensors").exists(), 240,
-                  "the second checkpoint write")
+        _wait_for(lambda: (run / KILL_POINTS[stage]).exists(), 240, f"the second checkpoint's {stage} stage")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -230,6 +237,26 @@ def test_kill_9_during_checkpoint_write_leaves_the_last_one_intact(workspace):
                    "--set", "save_steps=4", "--set", "save_total_limit=-1") == 0
     assert [p.name for p in rd.checkpoints()] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
     assert not list(run.glob(".checkpoint-*")) and rd.status()["state"] == "finished"
+    assert sorted(losses(run)) == list(range(1, 13))
+
+
+def test_kill_9_while_rotating_keeps_the_newest_checkpoint(workspace):
+    run = workspace / "rot"
+    proc = _spawn_train(workspace, "--work-dir", "rot", "--set", "max_steps=12", "--set", "save_steps=4",
+                        "--set", "save_total_limit=1",
+                        env={"TUNEDECK_FAULT_CHECKPOINT_DELAY": "3", "TUNEDECK_FAULT_CHECKPOINT_STAGE": "rotate"})
+    try:
+        _wait_for(lambda: (run / ".checkpoint-4.deleting").exists(), 240, "the first rotation")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rd = RunDirectory(run)
+    assert [p.name for p in rd.checkpoints()] == ["checkpoint-8"]
+    assert run_cli("train", "demo.yaml", "--work-dir", "rot", "--resume", "--set", "max_steps=12",
+                   "--set", "save_steps=4", "--set", "save_total_limit=1") == 0
+    assert [p.name for p in rd.checkpoints()] == ["checkpoint-12"] and not list(run.glob(".checkpoint-*"))
     assert sorted(losses(run)) == list(range(1, 13))
 
 
