@@ -154,3 +154,47 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_partial_files(w
     assert [p.name for p in run.checkpoints()] == ["checkpoint-3"]              # the earlier one stays
     assert not list(run.path.glob(".checkpoint-*")) and not list(run.path.glob(".status.json.*"))
     assert "no space left on device" in (run.path / "train.log").read_text()
+
+
+def test_a_foreground_run_whose_terminal_closes_saves_a_checkpoint_and_stops(workspace):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--work-dir", "hup",
+                             "--set", "max_steps=100000", "--set", "save_steps=100000",
+                             "--set", "evaluation_inputs=[]"], cwd=workspace, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run = RunDirectory(workspace / "hup")
+    try:
+        _wait_for(lambda: run.status().get("state") == "running" and run.status().get("step", 0) >= 2, 240,
+                  "the run to take steps")
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.1)
+    assert run.status()["state"] == "stopped"
+    assert run.latest_checkpoint() is not None and run.latest_checkpoint().name == f"checkpoint-{run.status()['step']}"
+
+
+def test_status_files_are_readable_by_others_and_stale_temporaries_go(workspace):
+    run = workspace / "modes"
+    run.mkdir()
+    stale = run / ".status.json.abc123.tmp"
+    stale.write_text("{")
+    one_step = ["--set", "max_steps=1", "--set", "evaluation_inputs=[]"]
+    assert run_cli("train", "demo.yaml", "--work-dir", run, *one_step) == 2     # not a run directory: refused
+    stale.rename(workspace / "keep.tmp")
+    RunDirectory(run).write_status(state="failed", error="killed before its first checkpoint")
+    (run / ".status.json.def456.tmp").write_text("{")
+    assert run_cli("train", "demo.yaml", "--work-dir", run, *one_step) == 0
+    assert not list(run.glob(".status.json.*.tmp"))
+    mode = (run / "status.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask(), oct(mode)
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
