@@ -27,8 +27,20 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override one recipe field (repeatable), e.g. --set lr=1e-4")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tunedeck")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tunedeck", description="Fine-tune language models from the terminal.")
+    ap = argparse.ArgumentParser(
+        prog="tunedeck", description="Fine-tune language and vision-language models from the terminal: with no "
+                                     "arguments, `tunedeck` opens the app in the current directory.")
+    ap.add_argument("--version", action="version", version=f"tunedeck {_version()}")
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
 
     p = sub.add_parser("list-cfg", help="list built-in recipes")
@@ -51,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("repeat", help="repeat every record of a .json/.jsonl dataset N times (the seed's repeat.py)")
     d.add_argument("-i", "--input", required=True)
     d.add_argument("-o", "--output", required=True)
-    d.add_argument("-n", type=int, required=True, help="times each record appears")
+    d.add_argument("-n", "--n", type=int, required=True, help="times each record appears")
     d.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     d = dsub.add_parser("check", help="record count, token lengths, truncation, the first sample masked")
     d.add_argument("config")
@@ -143,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
 
     p = sub.add_parser("tree", help="print a directory tree with sizes (follows symlinks)")
-    p.add_argument("dir")
+    p.add_argument("dir", nargs="?", default=".", help="the directory")
 
     p = sub.add_parser("demo", help="build the tiny demo workspace and fine-tune it on the CPU")
     p.add_argument("--dir", default="workspace")
@@ -152,11 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llava", action="store_true",
                    help="the LLaVA half instead: shapes images, pretrain + finetune, accuracy before/after")
 
-    p = sub.add_parser("_worker", help=argparse.SUPPRESS)   # the detached / torchrun training process
+    for name, verb in sub.choices.items():       # every verb's --help starts with what it does
+        action = next((a for a in sub._choices_actions if a.dest == name), None)
+        if verb.description is None and action is not None:
+            verb.description = action.help[:1].upper() + action.help[1:] + "."
+        verb.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    return ap
+
+
+def _worker_parser() -> argparse.ArgumentParser:
+    """The detached / torchrun training process's own arguments (not a user-facing verb)."""
+    p = argparse.ArgumentParser(prog="tunedeck _worker")
     p.add_argument("run_dir")
     p.add_argument("--resume-from")
     p.add_argument("--gpus", type=int, default=1)
-    return ap
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # the libraries' deprecation notices are for tunedeck's authors, not for the console
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch)(\.|$)")
-    ap = build_parser()
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["_worker"]:
+        args = _worker_parser().parse_args(argv[1:])
+        args.verb = "_worker"
+    else:
+        ap = build_parser()
+        args = ap.parse_args(argv)
     if not args.verb:
         ap.print_help()
         return 0
