@@ -165,3 +165,19 @@ def test_a_hub_name_on_a_machine_that_cannot_reach_the_hub_fails_in_seconds(work
     assert run_cli(*argv) == 2
     assert time.time() - t0 < 15
     assert _one_error_line(capsys).startswith(expected)
+
+
+def test_a_decompression_bomb_sent_to_the_service_is_refused_in_one_line(tmp_path, monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from engine.errors import UserError
+    from engine.llava_serve import LlavaHost
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UserError, match=r"^the image has more than 2,000 pixels"):
+        LlavaHost.open_image(SimpleNamespace(workspace=tmp_path), buf.getvalue())      # a data: URI's bytes
