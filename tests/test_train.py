@@ -206,6 +206,23 @@ def _wait_for(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _train_killed_at(workspace: Path, name: str, stage: str, marker: str, limit: int) -> Path:
+    """Train 12 steps (a checkpoint every 4) and kill -9 the trainer once ``marker`` appears in its run
+    directory, with the checkpoint code paused at ``stage`` so the kill lands there."""
+    run = workspace / name
+    proc = _spawn_train(workspace, "--work-dir", name, "--set", "max_steps=12", "--set", "save_steps=4",
+                        "--set", f"save_total_limit={limit}",
+                        env={"TUNEDECK_FAULT_CHECKPOINT_DELAY": "3", "TUNEDECK_FAULT_CHECKPOINT_STAGE": stage})
+    try:
+        _wait_for(lambda: (run / marker).exists(), 240, f"the checkpoint code's {stage} stage")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run
+
+
 KILL_POINTS = {   # stage: the file whose appearance means the kill lands inside that stage
     "files": ".checkpoint-8.tmp/adapter_model.safetensors",
     "rename": ".checkpoint-8.tmp/trainer_state.json",
@@ -217,17 +234,7 @@ def test_kill_9_during_checkpoint_write_leaves_the_last_one_intact(workspace, st
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run = workspace / "k"
-    proc = _spawn_train(workspace, "--work-dir", "k", "--set", "max_steps=12", "--set", "save_steps=4",
-                        "--set", "save_total_limit=-1",
-                        env={"TUNEDECK_FAULT_CHECKPOINT_DELAY": "3", "TUNEDECK_FAULT_CHECKPOINT_STAGE": stage})
-    try:
-        _wait_for(lambda: (run / KILL_POINTS[stage]).exists(), 240, f"the second checkpoint's {stage} stage")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run = _train_killed_at(workspace, "k", stage, KILL_POINTS[stage], limit=-1)
     rd = RunDirectory(run)
     assert [p.name for p in rd.checkpoints()] == ["checkpoint-4"]
     assert rd.status()["state"] == "failed"                                # dead pid noticed
@@ -241,17 +248,7 @@ def test_kill_9_during_checkpoint_write_leaves_the_last_one_intact(workspace, st
 
 
 def test_kill_9_while_rotating_keeps_the_newest_checkpoint(workspace):
-    run = workspace / "rot"
-    proc = _spawn_train(workspace, "--work-dir", "rot", "--set", "max_steps=12", "--set", "save_steps=4",
-                        "--set", "save_total_limit=1",
-                        env={"TUNEDECK_FAULT_CHECKPOINT_DELAY": "3", "TUNEDECK_FAULT_CHECKPOINT_STAGE": "rotate"})
-    try:
-        _wait_for(lambda: (run / ".checkpoint-4.deleting").exists(), 240, "the first rotation")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run = _train_killed_at(workspace, "rot", "rotate", ".checkpoint-4.deleting", limit=1)
     rd = RunDirectory(run)
     assert [p.name for p in rd.checkpoints()] == ["checkpoint-8"]
     assert run_cli("train", "demo.yaml", "--work-dir", "rot", "--resume", "--set", "max_steps=12",
