@@ -69,7 +69,7 @@ def build_data(n: int) -> Path:
 
 
 def run_tunedeck(data: Path, steps: int) -> dict:
-    from engine.cli import _train_here, prepare_run
+    from engine.launch import _train_here, prepare_run
     from engine.runs import RunDirectory
 
     recipe = REPO / "configs/llava/llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_finetune.yaml"

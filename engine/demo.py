@@ -62,7 +62,7 @@ def identity_verdict(name: str, base_answer: str, tuned_answer: str) -> tuple[bo
 
 def run_demo(workspace: Path, name: str, no_tui: bool = True) -> int:
     from .chat import ChatSession, load_for_chat
-    from .cli import _train_here, prepare_run
+    from .launch import _train_here, prepare_run
     from .runs import RunDirectory
 
     workspace = workspace.resolve()

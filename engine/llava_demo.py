@@ -161,7 +161,7 @@ def score(llm: Path, vit: Path, llava_dir: Path, heldout: Path, images: Path) ->
 
 
 def run_llava_demo(workspace: Path) -> int:
-    from .cli import _train_here, prepare_run
+    from .launch import _train_here, prepare_run
 
     workspace = workspace.resolve()
     p = prepare_workspace(workspace)

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -889,69 +888,3 @@ def setup_logging(run: RunDirectory, console: bool, rank: int = 0) -> None:
     root.propagate = False
 
 
-def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None = None,
-                 config_name: str = "", console: bool = True) -> str:
-    """Train with status.json kept right whatever happens; returns the final state."""
-    rank = int(os.environ.get("RANK", "0"))
-    run.path.mkdir(parents=True, exist_ok=True)
-    setup_logging(run, console, rank)
-    if rank == 0:
-        clean_partial(run)
-        run.write_status(state="starting", pid=os.getpid(), step=0, error=None,
-                         config_name=config_name, started=time.time(), resumed_from=str(resume_from or "") or None)
-    if recipe.llava.enabled:
-        from .llava_train import LlavaTrainer
-
-        trainer: Trainer = LlavaTrainer(recipe, run, resume_from=resume_from, config_name=config_name)
-    else:
-        trainer = Trainer(recipe, run, resume_from=resume_from, config_name=config_name)
-    # SIGHUP: a foreground run whose terminal closed saves a checkpoint and stops, as `tunedeck stop` does
-    old_handlers = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        trainer.setup()
-        if resume_from is not None and rank == 0:
-            _truncate_after(run, trainer.pos.step)
-        return trainer.train()
-    except StoppedDuringSetup:
-        if rank == 0:
-            run.write_status(state="stopped", finished=time.time(), **({"step": 0} if resume_from is None else {}))
-            log.info("stopped before the first step (nothing trained, nothing saved)")
-        return "stopped"
-    except UserError as e:
-        _fail(run, rank, str(e).replace("\n", "; "))
-        raise
-    except torch.cuda.OutOfMemoryError as e:
-        msg = (f"CUDA out of memory ({str(e).splitlines()[0][:160]}); lower train.batch_size or "
-               "data.max_length, or turn on model.gradient_checkpointing")
-        _fail(run, rank, msg)
-        raise UserError(msg) from None
-    except BaseException as e:
-        _fail(run, rank, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500])
-        log.exception("training failed")
-        raise
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-
-
-def _fail(run: RunDirectory, rank: int, msg: str) -> None:
-    if rank == 0:
-        run.write_status(state="failed", error=msg, finished=time.time())
-        log.error("failed: %s", msg)
-
-
-def _truncate_after(run: RunDirectory, step: int) -> None:
-    """On resume, drop metrics and evals of the abandoned steps after the checkpoint."""
-    for path in (run.metrics_path, run.evals_path):
-        if not path.exists():
-            continue
-        keep = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                if line.strip() and json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except (ValueError, AttributeError):       # a line torn by a kill: it goes
-                continue
-        from .fsutil import atomic_write_text
-
-        atomic_write_text(path, "".join(x + "\n" for x in keep))
