@@ -7,6 +7,7 @@ processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ def _holds_files(folder: Path) -> bool:
 def _unique_run_dir(root: Path, stem: str) -> Path:
     cand = root / stem
     n = 2
-    while cand.exists() and _holds_files(cand):
+    while cand.exists() and (_holds_files(cand) or RunLock(cand).holder() is not None):
         cand = root / f"{stem}_{n}"
         n += 1
     return cand
@@ -125,8 +126,11 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
     else:
         run_dir = work if work_dir else _unique_run_dir(root, stem)
     run_dir = run_dir.resolve()
+    existed = run_dir.exists()
     lock = claim(run_dir)                  # one trainer per run directory, from here to the run's end
     try:
+        if resume is not None:
+            _refuse_non_run(run_dir)
         if resume == "latest":
             ckpt = _checkpoint_or_restart(run_dir)
         elif resume is None and work_dir:
@@ -146,7 +150,10 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
         (run_dir / "source.json").write_text(json.dumps({"config": str(cfg_path.resolve()), "name": stem,
                                                           "overrides": overrides}, ensure_ascii=False))
     except BaseException:
-        lock.release()
+        lock.release(remove=not (run_dir / "status.json").exists())    # a refused start leaves nothing behind
+        if not existed:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
         raise
     _HELD_LOCKS[run_dir] = lock
     return run_dir, ckpt, stem
@@ -165,6 +172,12 @@ def _checkpoint_or_restart(run_dir: Path) -> Path | None:
         _clear_run_files(run_dir)
         return None
     return Path(latest)
+
+
+def _refuse_non_run(run_dir: Path) -> None:
+    if run_dir.is_dir() and _holds_files(run_dir) and not (run_dir / "status.json").exists():
+        raise UserError(f"--work-dir {run_dir}: exists and is not a run directory (its files would be "
+                        "overwritten); choose a new or empty directory")
 
 
 def _clear_run_files(run_dir: Path) -> None:

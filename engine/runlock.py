@@ -63,9 +63,12 @@ class RunLock:
         finally:
             os.close(fd)
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Unlock; ``remove`` also deletes the lock file (a refused start leaves nothing behind)."""
         if self.fd is not None:
             try:
+                if remove:
+                    self.path.unlink(missing_ok=True)
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             finally:
                 os.close(self.fd)

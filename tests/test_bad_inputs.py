@@ -99,25 +99,26 @@ def test_a_torn_last_metrics_line_does_not_block_resume(workspace):
     assert steps == [1, 2, 3, 4]
 
 
-def test_a_huge_single_record_costs_what_max_length_allows(workspace, capsys):
-    """A 20 MB record is cut to what max_length tokens can span before it is tokenized."""
-    import time
-
+def test_a_huge_single_record_costs_what_max_length_allows(workspace, capsys, monkeypatch):
+    """A 20 MB record is cut to what max_length tokens can span before it is tokenized: what reaches the
+    tokenizer is bounded by max_length, and the sample is the one the whole record gives."""
+    import engine.data as data_mod
+    from engine.data import _longest_piece, tokenize_conversations
     from engine.modeling import load_tokenizer
+    from engine.templates import encode_conversation
 
     big = workspace / "data" / "big.jsonl"
     big.write_text(json.dumps({"messages": [{"role": "user", "content": "你好 hello " * 2_000_000},
                                             {"role": "assistant", "content": "ok"}]}, ensure_ascii=False) + "\n"
                    + (workspace / "data" / "personal_assistant.jsonl").read_text())
-    t0 = time.time()
+    seen: list[int] = []
+    real = data_mod.encode_conversation
+    monkeypatch.setattr(data_mod, "encode_conversation",
+                        lambda tok, t, conv: seen.append(sum(len(m["content"]) for m in conv)) or real(tok, t, conv))
     assert run_cli("data", "check", "demo.yaml", "--set", f"data.data_path={big}") == 0
-    assert time.time() - t0 < 15                   # tokenized whole it took 37 s here (2-core AMD EPYC)
-    out = capsys.readouterr().out
-    assert "truncated: 1 of" in out
-    from engine.data import tokenize_conversations
-    from engine.templates import encode_conversation
-
+    assert "truncated: 1 of" in capsys.readouterr().out
     tok = load_tokenizer(str(workspace / "models" / "tiny-chat"))
+    assert max(seen) <= 256 * _longest_piece(tok) + 64 < 20_000_000 // 100      # the demo recipe's max_length 256
     conv = [{"role": "user", "content": "你是谁"}, {"role": "assistant", "content": "上海 abc, 123 " * 50_000}]
     data = tokenize_conversations([conv], tok, "internlm2_chat", 256)
     ids, labels = encode_conversation(tok, "internlm2_chat", conv)          # the whole record, untruncated
@@ -154,16 +155,24 @@ def test_a_stop_during_setup_ends_the_run_at_once(workspace):
     (["chat", "someone/some-model", "--prompt", "hi"],
      "error: model.path: 'someone/some-model': no such local folder, not in the Hugging Face cache"),
 ], ids=["dataset name", "model id"])
-def test_a_hub_name_on_a_machine_that_cannot_reach_the_hub_fails_in_seconds(workspace, capsys, monkeypatch,
-                                                                           argv, expected):
-    import time
+def test_a_hub_name_on_a_machine_that_cannot_reach_the_hub_is_not_looked_up(workspace, capsys, monkeypatch,
+                                                                             argv, expected):
+    """Offline, a name that is no local path fails at once: the libraries' retrying downloads are never
+    started (they took 77 s of retries)."""
+    import datasets
+    import transformers
+
+    def never(*a, **kw):
+        raise AssertionError("a hub download was attempted")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")          # nothing listens there: unreachable
     monkeypatch.setenv("HF_HUB_CACHE", str(workspace / "empty-hf-cache"))
-    t0 = time.time()
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    if argv[0] == "chat":                                       # (data check loads its local tokenizer)
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
     assert run_cli(*argv) == 2
-    assert time.time() - t0 < 15
     assert _one_error_line(capsys).startswith(expected)
 
 

@@ -79,6 +79,9 @@ def test_a_folder_that_is_not_a_run_is_never_written_into(workspace, capsys):
     assert run_cli("train", "demo.yaml", "--work-dir", mine, "--set", "max_steps=2") == 2
     assert "exists and is not a run directory" in capsys.readouterr().err
     assert (mine / "config.yaml").read_text() == "my own file\n"
+    assert run_cli("train", "demo.yaml", "--work-dir", mine, "--resume") == 2
+    assert "exists and is not a run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]          # nothing added, nothing changed
     afile = workspace / "a-file"
     afile.write_text("x")
     assert run_cli("train", "demo.yaml", "--work-dir", afile) == 2

@@ -251,24 +251,29 @@ def test_web_page_compare_mode_streams_two_answers(server, tmp_path):
     assert updates["logLeft"] > 3 and updates["logRight"] > 3          # streamed, not set once
 
 
-def test_a_big_request_is_413_and_a_long_prompt_does_not_stall_health(server):
+def test_a_big_request_is_413_and_tokenizing_never_blocks_health(server, monkeypatch):
     big = json.dumps({"model": "base", "messages": [{"role": "user", "content": "x" * (33 << 20)}]})
     r = post(server, None, raw=big.encode())
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large" and "32 MiB" in r.json()["error"]["message"]
-    long_prompt = {"model": "base", "messages": [{"role": "user", "content": "上海 hello 123 " * 400_000}]}
+    # the prompt's tokenizing waits until /health has answered: were it on the event loop, /health could not
+    health_answered = threading.Event()
+    real = server.host.encode
+
+    def slow_encode(*a, **kw):
+        assert health_answered.wait(20), "/health did not answer while a prompt was being tokenized"
+        return real(*a, **kw)
+
+    monkeypatch.setattr(server.host, "encode", slow_encode)
     answer: dict = {}
-    t = threading.Thread(target=lambda: answer.update(r=post(server, long_prompt)))
+    t = threading.Thread(target=lambda: answer.update(r=post(server, {"model": "base", "messages": ASK,
+                                                                      "max_tokens": 4})))
     t.start()
-    worst = 0.0
-    while t.is_alive():                       # /health keeps answering while the prompt is tokenized
-        t0 = time.time()
-        assert httpx.get(f"{server.url}/health", headers=auth(), timeout=10).status_code == 200
-        worst = max(worst, time.time() - t0)
-        time.sleep(0.05)
-    t.join()
-    assert answer["r"].status_code == 400 and answer["r"].json()["error"]["code"] == "context_length_exceeded"
-    assert worst < 1.0, f"/health took {worst:.2f}s while a long prompt was tokenized"
+    time.sleep(0.3)
+    assert httpx.get(f"{server.url}/health", headers=auth(), timeout=10).status_code == 200
+    health_answered.set()
+    t.join(60)
+    assert answer["r"].status_code == 200
 
 
 def test_unknown_routes_and_methods_answer_openai_style_json(server):
@@ -306,13 +311,12 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(tiny_model):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        t0 = time.time()
         r = subprocess.run([sys.executable, "-m", "engine.cli", "serve", str(tiny_model), "--port", str(port)],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: --port: 127.0.0.1:{port} is already in use (another service?); "
                                 "choose another --port")
-    assert time.time() - t0 < 30 and "loading" not in r.stderr
+    assert "loading" not in r.stderr                          # refused before the model was loaded
 
 
 def test_a_corrupt_adapter_is_a_400_naming_it(server, tmp_path):
