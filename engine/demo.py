@@ -47,7 +47,9 @@ def prepare_workspace(workspace: Path, name: str) -> tuple[Path, Path, Path]:
 
 
 def _one_line(text: str) -> str:
-    return text.replace("\r", "").replace("\n", " ⏎ ")
+    """An answer on one printable line (a random-init base model emits any bytes, NUL included)."""
+    text = text.replace("\r", "").replace("\n", " ⏎ ")
+    return "".join(ch if ch.isprintable() else "�" for ch in text)
 
 
 def identity_verdict(name: str, base_answer: str, tuned_answer: str) -> tuple[bool, str]:
