@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--pattern", help="only names matching PATTERN")
 
     p = sub.add_parser("copy-cfg", help="copy a built-in recipe to DIR/NAME_copy.yaml")
-    p.add_argument("name")
-    p.add_argument("dir")
+    p.add_argument("name", help="a built-in recipe (see list-cfg)")
+    p.add_argument("dir", help="the folder to copy it into (made if missing)")
     p.add_argument("--as", dest="new_name", help="file name (without .yaml) instead of NAME_copy")
 
     p = sub.add_parser("data", help="make or check datasets")
@@ -81,41 +81,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: continue even though the recipe differs from the run's own config.yaml")
 
     p = sub.add_parser("runs", help="list runs with state and progress")
-    p.add_argument("--root", default="work_dirs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--root", default="work_dirs", help="the folder the run directories are in")
+    p.add_argument("--json", action="store_true", help="machine-readable: one object per run")
 
     p = sub.add_parser("stop", help="save a checkpoint and stop a running training")
     p.add_argument("run", help="run directory (or its name under --root)")
-    p.add_argument("--root", default="work_dirs")
+    p.add_argument("--root", default="work_dirs", help="the folder the run directories are in")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the checkpoint")
 
     p = sub.add_parser("chat", help="chat with a model, optionally with an adapter")
-    p.add_argument("model")
+    p.add_argument("model", help="the base model's folder (or, with --url, a served name)")
     p.add_argument("--adapter", help="checkpoint or run directory (its latest checkpoint)")
     p.add_argument("--template", help="prompt template (default: what the run used, else auto)")
     p.add_argument("--system", help="system prompt (default: what the run used)")
     p.add_argument("--bits", type=int, choices=(4, 8), help="load the base in 4 or 8 bits")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up "
+                                                            "to this probability mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--url", help="talk to a running `tunedeck serve` (MODEL is then a served name: base or an adapter)")
-    p.add_argument("--api-key", default=os.environ.get("TUNEDECK_API_KEY"), help="bearer token for --url")
+    p.add_argument("--api-key", default=argparse.SUPPRESS, help="bearer token for --url (default: $TUNEDECK_API_KEY)")
     p.add_argument("--visual-encoder", help="LLaVA: the CLIP vision model directory")
     p.add_argument("--llava", help="LLaVA: a pretrain or finetune checkpoint (or run) directory")
     p.add_argument("--image", help="LLaVA: the image the conversation is about")
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web chat: one base model, many adapters")
-    p.add_argument("model")
+    p.add_argument("model", help="the base model's folder")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve a checkpoint or run directory as NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("TUNEDECK_API_KEY"), help="require this bearer token")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=argparse.SUPPRESS,
+                   help="require this bearer token (default: $TUNEDECK_API_KEY)")
     p.add_argument("--bits", type=int, choices=(4, 8))
     p.add_argument("--template", help="prompt template of the base (adapters bring their own)")
     p.add_argument("--system", help="system prompt of the base")
@@ -128,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LLaVA: serve a pretrain or finetune checkpoint as NAME (repeatable; image_url parts)")
 
     p = sub.add_parser("merge", help="merge an adapter into its base model")
-    p.add_argument("base")
+    p.add_argument("base", help="the base model's folder")
     p.add_argument("adapter", help="checkpoint or run directory")
-    p.add_argument("out")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("out", help="the folder to write (must not exist or be empty)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the merge is computed")
+    p.add_argument("--max-shard-size", default="2GB", help="largest weight file written (e.g. 2GB, 500MB)")
     p.add_argument("--format", default="auto", choices=("auto", "internlm2", "llama"),
                    help="auto: an InternLM2 base is written in InternLM2's own format (its code and tokenizer "
                         "files beside it), any other in transformers' layout; llama: transformers' Llama layout")
@@ -140,22 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-adapter",
                        help="a LoRA adapter of an InternLM2 model in InternLM2's module names (wqkv, wo, w1-w3)")
     p.add_argument("adapter", help="checkpoint or run directory")
-    p.add_argument("out")
+    p.add_argument("out", help="the folder to write (must not exist or be empty)")
     p.add_argument("--base", help="the InternLM2 model folder (default: the one the adapter was trained on)")
 
     p = sub.add_parser("export-llava", help="a LLaVA checkpoint as transformers' LlavaForConditionalGeneration")
-    p.add_argument("llm")
-    p.add_argument("visual_encoder")
+    p.add_argument("llm", help="the language model's folder")
+    p.add_argument("visual_encoder", help="the CLIP vision model's folder")
     p.add_argument("checkpoint", help="LLaVA checkpoint or run directory")
-    p.add_argument("out")
+    p.add_argument("out", help="the folder to write")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
 
     p = sub.add_parser("tree", help="print a directory tree with sizes (follows symlinks)")
     p.add_argument("dir", nargs="?", default=".", help="the directory")
 
     p = sub.add_parser("demo", help="build the tiny demo workspace and fine-tune it on the CPU")
-    p.add_argument("--dir", default="workspace")
-    p.add_argument("--name", default="tunedeck")
+    p.add_argument("--dir", default="workspace", help="the demo workspace (made if missing; kept between runs)")
+    p.add_argument("--name", default="tunedeck", help="whose assistant the demo model learns to be")
     p.add_argument("--no-tui", action="store_true", help="print the before/after answers and exit")
     p.add_argument("--llava", action="store_true",
                    help="the LLaVA half instead: shapes images, pretrain + finetune, accuracy before/after")
@@ -418,7 +420,7 @@ def cmd_chat(args) -> int:
     if args.url:
         from .chat import RemoteChatSession
 
-        session = RemoteChatSession(args.url, args.model, params, api_key=args.api_key, system=args.system)
+        session = RemoteChatSession(args.url, args.model, params, api_key=_api_key(args), system=args.system)
         source = f"{args.model} at {args.url}"
     else:
         from .chat import ChatSession, load_for_chat
@@ -487,6 +489,11 @@ def _chat_llava(args, params) -> int:
                      lambda q: [ask(q)], history.clear)
 
 
+def _api_key(args) -> str | None:
+    """--api-key, else $TUNEDECK_API_KEY (read here, so --help never prints a key)."""
+    return getattr(args, "api_key", None) or os.environ.get("TUNEDECK_API_KEY") or None
+
+
 def cmd_serve(args) -> int:
     from .inference import parse_adapter_args
     from .server import serve
@@ -494,7 +501,7 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port: {args.port} is not allowed: use 1-65535")
     return serve(args.model, adapters=parse_adapter_args(args.adapter), host=args.host, port=args.port,
-                 api_key=args.api_key, bits=args.bits, template=args.template, system=args.system,
+                 api_key=_api_key(args), bits=args.bits, template=args.template, system=args.system,
                  trust_remote_code=args.trust_remote_code, warmup=not args.no_warmup,
                  log=lambda m: print(m, file=sys.stderr, flush=True), visual_encoder=args.visual_encoder,
                  llavas=parse_adapter_args(args.llava), max_request_mb=args.max_request_mb)
