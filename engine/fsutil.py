@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -52,6 +53,6 @@ def disk_full_message(path: Path, what: str, error: OSError) -> str:
     """One line for a write that ran out of space (ENOSPC / EDQUOT): the device, and what was being written."""
     dev, mnt = mount_of(path)
     where = f"{dev} (mounted at {mnt})" if dev else mnt
-    reason = "disk quota exceeded" if getattr(error, "errno", None) == 122 else "no space left on device"
+    reason = "disk quota exceeded" if getattr(error, "errno", None) == errno.EDQUOT else "no space left on device"
     target = f" ({Path(error.filename).name})" if getattr(error, "filename", None) else ""
     return f"{reason} {where} while writing {what}{target}; free some space, then resume the run"

@@ -3,6 +3,7 @@ when it can be, so an offline machine says so in seconds instead of retrying for
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -16,9 +17,14 @@ def explicitly_offline() -> bool:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connection to the hub's endpoint (HF_ENDPOINT) within ``timeout`` seconds, name lookup
-    included."""
+    included; probed once per endpoint and process (a run loads its tokenizer and model separately)."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    return _connects(host, port, timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _connects(host: str, port: int, timeout: float) -> bool:
     result: list[bool] = []
 
     def probe() -> None:

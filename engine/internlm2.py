@@ -365,34 +365,20 @@ def _check_against_sentencepiece(tok: Any, spm_file: Path, specials: list[str], 
 
 
 # ---------------------------------------------------------------------------- writing InternLM2 back
-def write_internlm2(state: dict[str, Any], src: Path, out: Path, *, shard_bytes: int = 4 << 30) -> None:
+def write_internlm2(state: dict[str, Any], src: Path, out: Path, *, max_shard_size: int | str = "5GB") -> None:
     """A Llama-layout state dict written as an InternLM2 checkpoint beside ``src``'s own files: wqkv
-    fused again, InternLM2's names, and the base's config, remote code and tokenizer files copied
-    unchanged, so LMDeploy, XTuner and InternLM's own code load it."""
-    from safetensors.torch import save_file
+    fused again, InternLM2's names (sharded and indexed by huggingface_hub, as save_pretrained does),
+    and the base's config, remote code and tokenizer files copied unchanged, so LMDeploy, XTuner and
+    InternLM's own code load it."""
+    from huggingface_hub import save_torch_state_dict
 
     cfg = read_config(src) or {}
-    h = Heads(cfg)
-    sd = to_internlm2_state(state, h)
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, Any]] = [{}]
-    size = 0
-    for k in sorted(sd):
-        n = sd[k].numel() * sd[k].element_size()
-        if shards[-1] and size + n > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = sd[k].contiguous()
-        size += n
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors")
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    if len(shards) > 1:
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    try:
+        save_torch_state_dict(to_internlm2_state(state, Heads(cfg)), out, max_shard_size=max_shard_size,
+                              metadata={"format": "pt"})
+    except ValueError as e:            # an unreadable --max-shard-size
+        raise UserError(f"--max-shard-size: {max_shard_size!r} is not a size (e.g. 2GB, 500MB) ({e})") from None
     for f in src.iterdir():
         if f.is_file() and (f.suffix == ".py" or f.name in ("config.json", *TOKENIZER_FILES)
                             or f.name.startswith("tokenizer")):

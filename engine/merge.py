@@ -10,23 +10,6 @@ from .errors import UserError
 from .internlm2 import is_internlm2, write_internlm2
 from .modeling import check_model_dir, load_error, quiet_progress, read_adapter_meta, resolve_model
 
-
-def _bytes(size: str) -> int:
-    """'2GB' / '500MB' / a number of bytes."""
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-    text = size.strip().upper()
-    for unit, n in units.items():
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * n)
-            except ValueError:
-                break
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"--max-shard-size: {size!r} is not a size (e.g. 2GB, 500MB)") from None
-
-
 MERGE_FORMATS = ("auto", "internlm2", "llama")
 
 
@@ -80,7 +63,7 @@ def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_s
         shutil.rmtree(tmp)
     if internlm2 and fmt != "llama":
         progress(f"writing {out_path} in InternLM2's format (its own code and tokenizer files beside it)")
-        write_internlm2(model.state_dict(), Path(base), tmp, shard_bytes=_bytes(max_shard_size))
+        write_internlm2(model.state_dict(), Path(base), tmp, max_shard_size=max_shard_size)
     else:
         progress(f"writing {out_path} (shards of at most {max_shard_size})")
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
