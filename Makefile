@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 # the CPU build of torch, on this machine's disk; a CUDA torch already installed is kept instead
 TORCH_CPU   := torch==2.13.0
 
-.PHONY: demo test install lock lint clean
+.PHONY: demo test install lock lint docs clean
 
 # Every package but torch comes at the exact version in constraints.txt. A torch already installed for
 # $(PYTHON) (a CUDA build on a GPU box) is reused through --system-site-packages and never replaced;
@@ -48,8 +48,21 @@ lock:
 	$(MAKE) test
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff
 	$(VENV)/bin/ruff check engine tui tests bench
+	$(VENV)/bin/lint-imports
+
+# The recipe reference from the schema, and one picture per screen from the snapshot tests' SVGs.
+docs: $(STAMP)
+	$(PY) -m engine.recipe.reference > docs/recipes.md
+	@mkdir -p docs/images
+	@set -e; cd tests/__snapshots__/test_snapshots; \
+	  cp 'test_screen_snapshot[1].svg' ../../../docs/images/configs.svg; \
+	  cp test_editor_snapshot.svg ../../../docs/images/editor.svg; \
+	  cp 'test_screen_snapshot[3].svg' ../../../docs/images/runs.svg; \
+	  cp 'test_screen_snapshot[4].svg' ../../../docs/images/chat.svg; \
+	  cp 'test_screen_snapshot[5].svg' ../../../docs/images/files.svg; \
+	  cp 'test_screen_snapshot[6].svg' ../../../docs/images/data.svg
+	@echo "docs/recipes.md and docs/images/ rewritten"
 
 clean:
 	rm -rf $(VENV) .venv-lock workspace work_dirs .pytest_cache

@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-from engine.fused_lora import block_scales, dequantize_4bit  # noqa: E402
+from engine.model.fused_lora import block_scales, dequantize_4bit  # noqa: E402
 
 fn = torch.compile(dequantize_4bit, dynamic=True)
 for qt in ("nf4", "fp4"):

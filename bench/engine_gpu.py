@@ -1,4 +1,4 @@
-"""GPU run of the engine on the real shape (issue #2): the seed's QLoRA recipe on a random-init
+"""GPU run of the engine on the real shape: the tutorial's QLoRA recipe on a random-init
 InternLM2-1.8B-shaped model, beside the hand-written transformers + peft baseline, same call.
 
     python bench/engine_gpu.py --baseline PATH/hf_peft_baseline.py [--deepspeed zero2] [--steps 50]
@@ -31,7 +31,7 @@ def build_model(extra_texts: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     sys.path.insert(0, str(REPO))
-    from engine.tiny import build_tokenizer
+    from engine.model.tiny import build_tokenizer
 
     if not (MODEL / "config.json").exists():
         cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
@@ -51,7 +51,7 @@ def build_internlm2_model() -> None:
     shards with wqkv fused, auto_map config, SentencePiece tokenizer.model, chat tokenizer_config),
     random init; tunedeck loads it through its native conversion."""
     sys.path.insert(0, str(REPO))
-    from engine.tiny import build_tiny_internlm2
+    from engine.model.tiny import build_tiny_internlm2
 
     if not (MODEL_INTERNLM2 / "config.json").exists():
         build_tiny_internlm2(MODEL_INTERNLM2, hidden=2048, layers=24, heads=16, kv_heads=8, intermediate=8192,
@@ -61,7 +61,7 @@ def build_internlm2_model() -> None:
 
 def build_data(path: Path) -> None:
     sys.path.insert(0, str(REPO))
-    from engine.identity import identity_records, write_identity
+    from engine.data.identity import identity_records, write_identity
 
     if not path.exists():
         write_identity(path, identity_records("tunedeck", 10000))
@@ -104,7 +104,7 @@ def summarize(work: Path, returncode: int = 0, wall: float | None = None, log: s
 
 def run_tunedeck(work: Path, sets: list[str], gpus: int = 1, deepspeed: str | None = None,
                  env: dict | None = None) -> dict:
-    """`tunedeck train` on the seed recipe with these --set overrides (and environment variables),
+    """`tunedeck train` on the tutorial's recipe with these --set overrides (and environment variables),
     summarized from its run directory."""
     cmd = [sys.executable, "-m", "engine.cli", "train", str(RECIPE), "--work-dir", str(work)]
     for kv in sets:
@@ -143,7 +143,7 @@ def main() -> None:
     data = Path("/tmp/ft/data/personal_assistant.json")
     build_data(data)
     gpu = torch.cuda.get_device_name(0)
-    result = {"what": "tunedeck train, seed recipe internlm2_chat_1_8b_qlora_self_e2 (nf4 QLoRA r64/alpha16, "
+    result = {"what": "tunedeck train, tutorial recipe internlm2_chat_1_8b_qlora_self_e2 (nf4 QLoRA r64/alpha16, "
                       "1024-token packed rows, batch 1 x accumulative_counts 16, grad ckpt), random-init "
                       "InternLM2-1.8B shape", "gpu": gpu, "torch": torch.__version__,
               "transformers": transformers.__version__, "peft": peft.__version__,

@@ -1,5 +1,5 @@
-"""GPU run of the LLaVA finetune stage on the real shapes (issue #5): CLIP ViT-L/14-336 + an
-InternLM2-1.8B-shaped LLM (random init; weights' values don't change a step's cost), the seed's
+"""GPU run of the LLaVA finetune stage on the real shapes: CLIP ViT-L/14-336 + an
+InternLM2-1.8B-shaped LLM (random init; weights' values don't change a step's cost), the tutorial's
 finetune settings (batch 1, 4-bit LLM QLoRA r 512 / alpha 256, ViT LoRA r 64 / alpha 16, projector
 trained, gradient checkpointing), beside a plain transformers + peft LLaVA loop
 (LlavaForConditionalGeneration, 4-bit language model, the same LoRA ranks, the same token sequences
@@ -69,8 +69,9 @@ def build_data(n: int) -> Path:
 
 
 def run_tunedeck(data: Path, steps: int) -> dict:
-    from engine.launch import _train_here, prepare_run
-    from engine.runs import RunDirectory
+    from engine.train.launch import prepare_run, train_here
+    from engine.train.runs import RunDirectory
+    from engine.workflow.train import trainer_for
 
     recipe = REPO / "configs/llava/llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_finetune.yaml"
     overrides = [f"model.path={LLM}", "trust_remote_code=false", "dtype=bfloat16", f"data_path={data}",
@@ -79,7 +80,7 @@ def run_tunedeck(data: Path, steps: int) -> dict:
     run_dir, _, _ = prepare_run(str(recipe), overrides, work_dir=str(WORK / f"run_{int(time.time())}"),
                                 resume=None, deepspeed=None)
     t0 = time.time()
-    assert _train_here(run_dir, None) == 0, (run_dir / "train.log").read_text()[-3000:]
+    assert train_here(run_dir, trainer_for=trainer_for) == 0, (run_dir / "train.log").read_text()[-3000:]
     wall = time.time() - t0
     metrics = RunDirectory(run_dir).metrics()
     timed = metrics[5:]                                    # the first steps warm up kernels and caches
@@ -105,8 +106,8 @@ def run_baseline(data: Path, steps: int) -> dict:
         LlavaForConditionalGeneration,
     )
 
-    from engine.llava import IMAGE_TOKEN, encode_llava, load_llava_records
-    from engine.modeling import load_tokenizer
+    from engine.llava.model import IMAGE_TOKEN, encode_llava, load_llava_records
+    from engine.model.loading import load_tokenizer
 
     hf_dir = WORK / "hf_llava"
     image_id = 92543

@@ -1,4 +1,4 @@
-"""Inference-service benchmark (issue #3), on a GPU machine, beside a plain transformers `generate`
+"""Inference-service benchmark, on a GPU machine, beside a plain transformers `generate`
 in the same process: time to first token, decode tokens/s of one stream, base + tuned streams at
 once, peak memory. Random-init InternLM2-1.8B shape with a random r-64 LoRA on every linear layer.
 
@@ -34,7 +34,7 @@ def build() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from engine.tiny import build_tokenizer
+    from engine.model.tiny import build_tokenizer
 
     if not (MODEL / "config.json").exists():
         cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
@@ -114,8 +114,8 @@ def baseline(new_tokens: int, ids: list[int]) -> dict:
 
 
 def ours(new_tokens: int) -> dict:
-    from engine.generation import GenerationParams
-    from engine.inference import GenRequest, ModelHost, Scheduler
+    from engine.serve.generation import GenerationParams
+    from engine.serve.scheduler import GenRequest, ModelHost, Scheduler
 
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -182,7 +182,7 @@ def main() -> None:
     build()
     from transformers import AutoTokenizer
 
-    from engine.templates import encode_prompt
+    from engine.data.templates import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(str(MODEL))
     ids = encode_prompt(tok, "internlm2_chat", [{"role": "user", "content": PROMPT}])

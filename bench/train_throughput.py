@@ -1,13 +1,13 @@
-"""Training throughput of the seed's QLoRA recipe (issue #6), tunedeck beside the hand-written way,
+"""Training throughput of the tutorial's QLoRA recipe, tunedeck beside the hand-written way,
 in one call on one GPU machine.
 
     python bench/train_throughput.py --baseline PATH/hf_peft_baseline.py [--steps 50] [--gpus 2]
 
 What runs, each in its own process (clean GPU memory), on a random-init InternLM2-1.8B-shaped model
-(weights' values do not change a step's cost) and the seed's identity data:
+(weights' values do not change a step's cost) and the tutorial's identity data:
 
-  baseline    ../shared/bench/hf_peft_baseline.py qlora 1024: the seed's recipe as people run it
-              (tokens/s and peak memory; the issue's reference point)
+  baseline    ../shared/bench/hf_peft_baseline.py qlora 1024: the tutorial's recipe as people run it
+              (tokens/s and peak memory: the reference point of every ratio)
   reference   the same hand-written transformers + peft + bitsandbytes code (model, prepare_model_for_
               kbit_training, LoRA, no autocast), trained on tunedeck's rows in tunedeck's order, with
               the recipe's optimizer, schedule, clipping and window-mean loss: the loss curve to match
@@ -20,7 +20,7 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
               global batch (and the loss curve) stays the recipe's
   ddp         (--gpus 2) the same with plain PyTorch DDP
   zero2_overlap (ask with --only, --gpus 2) zero2 with DeepSpeed's overlap_comm and contiguous_gradients on
-              (their "auto" is off for adapters: engine/trainer.py resolve_zero_auto)
+              (their "auto" is off for adapters: engine/train/distributed.py resolve_zero_auto)
   tunedeck_half  (ask with --only) one GPU on one rank's share of a --gpus step (of 2 GPUs when --gpus
               is 1): the multi-GPU step less its communication; tunedeck_half_pygc the same with Python's
               own garbage-collection schedule (TUNEDECK_PYTHON_GC=1); zero2_one the same under DeepSpeed
@@ -32,7 +32,7 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
               forward, no Liger, SDPA, no compile; the reference loop under bf16 autocast; the reference
               loop with other dropout masks -- to attribute curve differences
 
-Prints a table and writes bench/results/train_throughput_<gpu>.json (keys tokens_per_s and
+Prints a table and writes bench/results/train_throughput_[<n>gpu_]<gpu>.json (keys tokens_per_s and
 peak_mem_gib for tunedeck's default run at the top, the GPU's name, every run's curve).
 
     python bench/train_throughput.py --explore VARIANTS.json     # levers one by one, in one process
@@ -73,7 +73,7 @@ MULTI_GPU = ("zero2", "ddp", "zero2_overlap")     # runs of --gpus GPUs: left ou
 
 
 def _recipe(extra: list[str]):
-    from engine.config import load_recipe
+    from engine.recipe.schema import load_recipe
 
     return load_recipe(str(RECIPE), BASE_SETS + list(extra))[1]
 
@@ -93,10 +93,11 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from engine.data import build_rows, collate, load_conversations, tokenize_conversations
-    from engine.modeling import load_tokenizer
-    from engine.templates import IGNORE_INDEX, resolve_template_name
-    from engine.trainer import warmup_cosine
+    from engine.data.formats import load_conversations
+    from engine.data.packing import build_rows, collate, tokenize_conversations
+    from engine.data.templates import IGNORE_INDEX, resolve_template_name
+    from engine.model.loading import load_tokenizer
+    from engine.train.schedule import warmup_cosine
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -193,10 +194,10 @@ def explore(variants: list[dict], out_dir: Path, save=lambda results: None) -> l
     import torch
     from torch._dynamo.utils import counters
 
-    from engine.collector import StepCollector
-    from engine.modeling import compile_decoder_layers, uncompile
-    from engine.runs import RunDirectory
-    from engine.trainer import Trainer
+    from engine.model.loading import compile_decoder_layers, uncompile
+    from engine.train.collector import StepCollector
+    from engine.train.runs import RunDirectory
+    from engine.train.trainer import Trainer
 
     # layers are compiled by the variants (mode); Liger's kernels do not go with compiled layers
     t = Trainer(_recipe(["max_steps=1000", "model.compile=off", "model.liger_kernels=off"]),
@@ -352,8 +353,12 @@ def main() -> None:
         Path(args.reference_loop).write_text(json.dumps(res))
         return
     gpu = torch.cuda.get_device_name(0)
-    slug = gpu.replace(" ", "_").replace("/", "_") + (f"_{args.tag}" if args.tag else "")
-    out_dirs = [REPO / "bench/results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    # one current file per benchmark and GPU in bench/results (history in git); a --tag run is an
+    # experiment: it goes to $OUT only
+    slug = (f"{args.gpus}gpu_" if args.gpus > 1 else "") + gpu.replace(" ", "_").replace("/", "_") \
+        + (f"_{args.tag}" if args.tag else "")
+    out_dirs = ([] if args.tag else [REPO / "bench/results"]) + ([Path(os.environ["OUT"])] if os.environ.get("OUT")
+                                                                 else [])
     if args.explore:
         def save(res: list[dict]) -> None:
             for d in out_dirs:

@@ -1,4 +1,4 @@
-"""TUI performance (issue #4; CPU is fine), measured in one run:
+"""TUI performance (CPU is fine), measured in one run:
 
 1. cold start: `tunedeck`'s app vs a bare Textual "hello" app, each a fresh process, interleaved,
    median of N: seconds from spawn to the first frame on the (headless) terminal, and for tunedeck

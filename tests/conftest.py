@@ -34,7 +34,7 @@ def cpu_bf16(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from engine.tiny import build_tiny_model
+    from engine.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat", extra_texts=[NAME])
 
@@ -42,7 +42,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def internlm2_model(tmp_path_factory) -> Path:
     """A tiny model folder laid out exactly as internlm/internlm2-chat-1_8b ships (engine/tiny.py)."""
-    from engine.tiny import build_tiny_internlm2
+    from engine.model.tiny import build_tiny_internlm2
 
     return build_tiny_internlm2(tmp_path_factory.mktemp("models") / "internlm2-chat-tiny", extra_texts=[NAME])
 
@@ -56,7 +56,7 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="session")
 def identity_file(tmp_path_factory) -> Path:
-    from engine.identity import identity_records, write_identity
+    from engine.data.identity import identity_records, write_identity
 
     return write_identity(tmp_path_factory.mktemp("data") / "identity.jsonl",
                           identity_records(NAME, 200, varied=True))

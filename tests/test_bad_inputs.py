@@ -79,8 +79,8 @@ def test_a_user_error_is_one_line_and_exit_2(workspace, capsys, what, argv, buil
 def test_a_decompression_bomb_image_is_one_line(tmp_path, monkeypatch):
     from PIL import Image
 
-    from engine.errors import UserError
-    from engine.llava import open_image
+    from engine.core.errors import UserError
+    from engine.llava.model import open_image
 
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)          # 64×64 is then a "bomb"
@@ -102,10 +102,10 @@ def test_a_torn_last_metrics_line_does_not_block_resume(workspace):
 def test_a_huge_single_record_costs_what_max_length_allows(workspace, capsys, monkeypatch):
     """A 20 MB record is cut to what max_length tokens can span before it is tokenized: what reaches the
     tokenizer is bounded by max_length, and the sample is the one the whole record gives."""
-    import engine.data as data_mod
-    from engine.data import _longest_piece, tokenize_conversations
-    from engine.modeling import load_tokenizer
-    from engine.templates import encode_conversation
+    import engine.data.packing as data_mod
+    from engine.data.packing import _longest_piece, tokenize_conversations
+    from engine.data.templates import encode_conversation
+    from engine.model.loading import load_tokenizer
 
     big = workspace / "data" / "big.jsonl"
     big.write_text(json.dumps({"messages": [{"role": "user", "content": "你好 hello " * 2_000_000},
@@ -132,7 +132,7 @@ def test_a_stop_during_setup_ends_the_run_at_once(workspace):
     import sys
     import time
 
-    from engine.runs import RunDirectory
+    from engine.train.runs import RunDirectory
 
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--work-dir", "s",
                              "--set", "max_steps=3"], cwd=workspace, stdout=subprocess.PIPE,
@@ -182,8 +182,8 @@ def test_a_decompression_bomb_sent_to_the_service_is_refused_in_one_line(tmp_pat
 
     from PIL import Image
 
-    from engine.errors import UserError
-    from engine.llava_serve import LlavaHost
+    from engine.core.errors import UserError
+    from engine.llava.serve import LlavaHost
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buf, format="PNG")

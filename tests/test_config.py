@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import DEMO_RECIPE, run_cli
 
-from engine import catalogue
-from engine.config import RecipeDocument, field_specs, load_recipe, resolve_key
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
+from engine.recipe import catalogue
+from engine.recipe.schema import RecipeDocument, field_specs, load_recipe, resolve_key
 
 
 def test_every_catalogue_recipe_validates():
@@ -142,7 +142,7 @@ def test_torch_free_modules_import_without_torch():
     import sys
 
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-            "import engine.config, engine.catalogue, engine.runs, engine.templates, engine.tree, engine.errors, "
-            "engine.identity; print('ok')")
+            "import engine.recipe.schema, engine.recipe.catalogue, engine.train.runs, engine.data.templates, "
+            "engine.core.tree, engine.core.errors, engine.data.identity, engine.cli; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr

@@ -22,7 +22,7 @@ from conftest import REPO
 
 
 def _qlora(tiny_model):
-    from engine.modeling import attach_lora, load_model, pick_precision
+    from engine.model.loading import attach_lora, load_model, pick_precision
 
     model = load_model(str(tiny_model), quantization="4bit", precision=pick_precision(device="cpu"))
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_a_repacked_layer_is_unpacked_before_the_fused_layer_reads_it(tiny_model
     in the standard layout when the fused forward is installed, and gives peft's output again."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from engine.fused_lora import fuse_lora_layers
+    from engine.model.fused_lora import fuse_lora_layers
 
     model = _qlora(tiny_model)
     layer = model.get_base_model().model.layers[1].mlp.down_proj

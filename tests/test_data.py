@@ -7,9 +7,10 @@ import json
 import pytest
 from conftest import NAME, run_cli
 
-from engine.data import load_conversations, pack_samples, read_records
-from engine.errors import DataError
-from engine.identity import DEFAULT_ANSWER, identity_records
+from engine.core.errors import DataError
+from engine.data.formats import load_conversations, read_records
+from engine.data.identity import DEFAULT_ANSWER, identity_records
+from engine.data.packing import pack_samples
 
 
 def test_identity_data_is_the_seeds(tmp_path, capsys):
@@ -108,7 +109,7 @@ def test_read_records_accepts_a_single_object_json(tmp_path):
 
 
 def test_tokenizing_in_worker_processes_gives_the_same_samples(tokenizer):
-    from engine.data import tokenize_conversations
+    from engine.data.packing import tokenize_conversations
 
     convs = [[{"role": "user", "content": f"第{i}个问题"}, {"role": "assistant", "content": f"answer {i}"}]
              for i in range(2000)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.fused_lora import _LoraLinear, fuse_lora_layers
+from engine.model.fused_lora import _LoraLinear, fuse_lora_layers
 
 
 def _unfuse(model: torch.nn.Module) -> None:
@@ -16,7 +16,7 @@ def _unfuse(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("quantization", ["4bit", "none"])
 def test_fused_layers_give_peft_loss_and_gradients(tiny_model, quantization):
-    from engine.modeling import attach_lora, load_model, pick_precision
+    from engine.model.loading import attach_lora, load_model, pick_precision
 
     model = load_model(str(tiny_model), quantization=quantization, precision=pick_precision(device="cpu"))
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_fused_4bit_layer_adds_a_small_adapter_output_in_the_inputs_dtype_as_pef
     the adapter's bf16 output to it there. Early in training B is small: added into a bf16 base output its
     contribution would mostly round away (the first optimizer steps moved the loss less than peft's on an
     H200). The fused layer returns what peft's returns, in its dtype."""
-    from engine.modeling import Precision, attach_lora, load_model
+    from engine.model.loading import Precision, attach_lora, load_model
 
     prec = Precision("cpu", "bf16", torch.bfloat16)
     model = load_model(str(tiny_model), quantization="4bit", precision=prec)
@@ -131,7 +131,7 @@ def test_torch_dequantization_is_bitsandbytes_bit_for_bit(quant_type):
     """The compiled layers dequantize with torch operations; they must give bitsandbytes' weights."""
     import bitsandbytes.functional as bnbf
 
-    from engine.fused_lora import block_scales, dequantize_4bit
+    from engine.model.fused_lora import block_scales, dequantize_4bit
 
     w = torch.randn(256, 192, generator=torch.Generator().manual_seed(0))
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from engine.runs import RunDirectory
+from engine.train.runs import RunDirectory
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import DEMO_RECIPE, NAME, run_cli
 
-from engine.identity import DEFAULT_ANSWER
-from engine.tiny import INTERNLM2_SPECIALS, build_tiny_internlm2
+from engine.data.identity import DEFAULT_ANSWER
+from engine.model.tiny import INTERNLM2_SPECIALS, build_tiny_internlm2
 
 
 def internlm2_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -78,7 +78,7 @@ def native_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def _fp32():
-    from engine.modeling import pick_precision
+    from engine.model.loading import pick_precision
 
     return pick_precision(device="cpu")
 
@@ -86,7 +86,7 @@ def _fp32():
 @pytest.mark.parametrize("rope_scaling", [None, {"type": "dynamic", "factor": 2.0}, {"type": "linear", "factor": 3.0}],
                          ids=["plain", "dynamic", "linear"])
 def test_native_load_gives_the_reference_forwards_logits(tmp_path, rope_scaling):
-    from engine.modeling import load_model
+    from engine.model.loading import load_model
 
     folder = build_tiny_internlm2(tmp_path / "m", hidden=64, heads=4, kv_heads=2, intermediate=96,
                                   max_positions=16, rope_scaling=rope_scaling, seed=3, shards=3)
@@ -108,7 +108,7 @@ TEXTS = ["请做一下自我介绍", "我是NagatoYuki的小助手，内在是�
 def test_tokenization_is_sentencepieces_own_and_special_tokens_keep_their_ids(internlm2_model):
     import sentencepiece as spm
 
-    from engine.modeling import load_tokenizer
+    from engine.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(internlm2_model), trust_remote_code=True)
     sp = spm.SentencePieceProcessor(model_file=str(internlm2_model / "tokenizer.model"))
@@ -131,8 +131,8 @@ def test_a_transformers_whose_conversion_is_not_sentencepieces_is_refused(intern
     a tokenizer that gives other tokens than the model was trained on."""
     from transformers.convert_slow_tokenizer import SpmConverter
 
-    from engine.errors import UserError
-    from engine.internlm2 import build_tokenizer
+    from engine.core.errors import UserError
+    from engine.model.internlm2 import build_tokenizer
 
     real = SpmConverter.build_tokenizer_from_spm_proto
 
@@ -145,8 +145,8 @@ def test_a_transformers_whose_conversion_is_not_sentencepieces_is_refused(intern
 
 
 def test_the_named_template_is_internlm2s_chat_template_token_for_token(internlm2_model):
-    from engine.modeling import load_tokenizer
-    from engine.templates import encode_conversation, encode_prompt
+    from engine.data.templates import encode_conversation, encode_prompt
+    from engine.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(internlm2_model))
     assert "<|im_start|>" in tok.chat_template
@@ -215,8 +215,8 @@ def internlm2_run(internlm2_model, identity_file, tmp_path_factory) -> Path:
 def _tuned(internlm2_model, run):
     from peft import PeftModel
 
-    from engine.checkpoint import resolve_checkpoint
-    from engine.modeling import load_model
+    from engine.model.loading import load_model
+    from engine.train.checkpoint import resolve_checkpoint
 
     model = load_model(str(internlm2_model), precision=_fp32())
     return PeftModel.from_pretrained(model, str(resolve_checkpoint(str(run)))).eval()
@@ -233,7 +233,7 @@ def test_identity_training_on_it_learns_and_chat_answers_with_the_name(internlm2
 def test_merge_round_trips_in_both_formats(internlm2_run, internlm2_model, tmp_path, fmt):
     from transformers import AutoModelForCausalLM
 
-    from engine.modeling import load_model
+    from engine.model.loading import load_model
 
     ids = torch.randint(3, 1000, (20,), generator=torch.Generator().manual_seed(5)).tolist()
     want = native_logits(_tuned(internlm2_model, internlm2_run), ids)

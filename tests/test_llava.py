@@ -15,7 +15,7 @@ from conftest import run_cli
 
 @pytest.fixture(scope="session")
 def llava_ws(tmp_path_factory) -> Path:
-    from engine.llava_demo import run_llava_demo
+    from engine.llava.demo import run_llava_demo
 
     ws = tmp_path_factory.mktemp("llava")
     assert run_llava_demo(ws) == 0
@@ -25,14 +25,14 @@ def llava_ws(tmp_path_factory) -> Path:
 def test_demo_learns_to_answer_about_held_out_images(llava_ws, capsys):
     scores = json.loads((llava_ws / "llava_demo_scores.json").read_text())
     print(f"held-out accuracy: before finetune {scores['before']:.1%}, after {scores['after']:.1%}")
-    from engine.llava_demo import LEARNED_ACCURACY, LEARNED_GAIN
+    from engine.llava.demo import LEARNED_ACCURACY, LEARNED_GAIN
 
     assert scores["after"] >= LEARNED_ACCURACY
     assert scores["before"] <= scores["after"] - LEARNED_GAIN     # the pretrain-only model does clearly worse
 
 
 def test_checkpoints_hold_projector_and_both_adapters_in_safetensors(llava_ws):
-    from engine.runs import RunDirectory
+    from engine.train.runs import RunDirectory
 
     pre = RunDirectory(llava_ws / "work_dirs" / "llava_pretrain").latest_checkpoint()
     ft = RunDirectory(llava_ws / "work_dirs" / "llava_finetune").latest_checkpoint()
@@ -49,7 +49,7 @@ def test_checkpoints_hold_projector_and_both_adapters_in_safetensors(llava_ws):
 
 
 def test_resume_continues_the_same_loss_curve(llava_ws):
-    from engine.runs import RunDirectory
+    from engine.train.runs import RunDirectory
 
     ws = llava_ws
     common = ["--set", "max_steps=6", "--set", "save_steps=3", "--set", "save_total_limit=-1",
@@ -101,7 +101,7 @@ def test_data_repeat(tmp_path, capsys):
 
 
 def test_grouped_order_never_mixes_images_and_text_in_a_batch():
-    from engine.llava import LlavaSample, grouped_order
+    from engine.llava.model import LlavaSample, grouped_order
 
     samples = [LlavaSample([0] * (5 + i % 7), [0] * (5 + i % 7), Path("x.png") if i % 3 else None)
                for i in range(100)]
@@ -159,7 +159,7 @@ def test_bad_input_ends_in_one_clear_line(llava_ws, capsys, tmp_path):
     err = _bad_train(ws, capsys, "--set", f"visual_encoder={tmp_path / 'vit32'}")
     assert "llava.pretrained_pth" in err and "maps 64 → 128 features, this model needs 32 → 128" in err
     # a pretrain checkpoint made for another LLM
-    from engine.tiny import build_tiny_model
+    from engine.model.tiny import build_tiny_model
 
     build_tiny_model(tmp_path / "llm64", hidden=64, intermediate=128)
     err = _bad_train(ws, capsys, "--set", f"model.path={tmp_path / 'llm64'}")
@@ -172,7 +172,7 @@ def test_export_llava_loads_in_transformers_and_answers_the_same(llava_ws, tmp_p
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from engine.llava import answer, load_llava_for_inference
+    from engine.llava.model import answer, load_llava_for_inference
 
     ws = llava_ws
     llm, vit, ckpt = ws / "models/tiny-chat-vl", ws / "models/tiny-clip", ws / "work_dirs/llava_finetune"
@@ -203,8 +203,8 @@ def test_serve_takes_image_parts_and_compares_pre_and_post_finetune(llava_ws):
     from openai import OpenAI
     from starlette.testclient import TestClient
 
-    from engine.llava_serve import LlavaHost
-    from engine.server import build_app
+    from engine.llava.serve import LlavaHost
+    from engine.serve.server import build_app
 
     ws = llava_ws
     host = LlavaHost(str(ws / "models/tiny-chat-vl"), str(ws / "models/tiny-clip"),

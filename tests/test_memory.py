@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.memory import OffloadedAdamW
+from engine.model.memory import OffloadedAdamW
 
 
 def test_offloaded_adamw_steps_like_adamw_and_shares_its_state_dict():
@@ -49,7 +49,7 @@ def test_offloaded_saved_tensors_give_the_same_gradients_and_leave_weights_alone
     backward gets the same values back, are what a GPU run relies on."""
     from torch.utils.checkpoint import checkpoint
 
-    import engine.memory as memory
+    import engine.model.memory as memory
 
     g = torch.Generator().manual_seed(1)
     lin1, lin2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
@@ -96,7 +96,7 @@ def _step_with_cycles(n: int = 5000) -> list:
 def test_step_collector_collects_between_steps_not_inside_them(monkeypatch):
     import gc
 
-    from engine.collector import StepCollector
+    from engine.train.collector import StepCollector
 
     started: list[int] = []
 
@@ -129,11 +129,11 @@ def test_step_collector_collects_between_steps_not_inside_them(monkeypatch):
 def test_compiled_layers_under_checkpointing_keep_what_eager_checkpointing_keeps(tiny_model, monkeypatch):
     """gradient_checkpointing: true means the same memory compiled or not. transformers 5.24 checkpoints
     inside a layer's forward, so a compiled layer would carry the checkpoint into its graph, where the
-    compiler keeps dropout outputs for the backward (64 GiB instead of 8.2 for the seed recipe on an
+    compiler keeps dropout outputs for the backward (64 GiB instead of 8.2 for the tutorial's recipe on an
     H200); tunedeck compiles the layer's own forward and checkpoints around it. Measured here as the
     bytes autograd saves during one forward."""
-    import engine.modeling as em
-    from engine.modeling import attach_lora, compile_decoder_layers, load_model, pick_precision, uncompile
+    import engine.model.loading as em
+    from engine.model.loading import attach_lora, compile_decoder_layers, load_model, pick_precision, uncompile
 
     monkeypatch.setattr(em, "COMPILE_BACKEND", "aot_eager")
 

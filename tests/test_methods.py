@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, run_cli
 
-from engine.runs import RunDirectory
+from engine.train.runs import RunDirectory
 
 QUICK = ["--set", "max_steps=8", "--set", "evaluation_inputs=[]", "--set", "save_steps=4",
          "--set", "model.path=models/tiny-chat", "--set", "data.data_path=data/personal_assistant.jsonl"]
@@ -88,8 +88,8 @@ def test_zero_auto_comm_settings_follow_what_trains():
     adapters (small gradients), on for a full fine-tune; a value written in the JSON stays."""
     import json
 
-    from engine import catalogue
-    from engine.trainer import resolve_zero_auto
+    from engine.recipe import catalogue
+    from engine.train.distributed import resolve_zero_auto
 
     shipped = json.loads(catalogue.deepspeed_config_path("zero2").read_text())
     lora = resolve_zero_auto(json.loads(json.dumps(shipped)), adapters=True)["zero_optimization"]

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.runs import RunDirectory
+from engine.train.runs import RunDirectory
 
 
 def test_mixed_batch_rows_match_peft_and_base(tiny_model, trained_run, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.multilora import MultiLora
+    from engine.serve.multilora import MultiLora
 
     ckpt = RunDirectory(trained_run).latest_checkpoint()
     # a second adapter of another rank and fewer targets
@@ -49,7 +49,7 @@ def test_adapter_for_another_model_is_refused(tiny_model, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from engine.multilora import MultiLora
+    from engine.serve.multilora import MultiLora
 
     bigger = LlamaForCausalLM(LlamaConfig(vocab_size=700, hidden_size=64, intermediate_size=128,
                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data import Row, collate
+from engine.data.packing import Row, collate
 
 
 @pytest.mark.parametrize("family", ["llama", "internlm2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_a_samples_logits_do_not_change_when_another_is_packed_beside_it(request, family, attn):
     """Also for an InternLM2 checkpoint as it ships, loaded through tunedeck's native conversion."""
-    from engine.modeling import load_model, pick_precision
+    from engine.model.loading import load_model, pick_precision
 
     folder = request.getfixturevalue("tiny_model" if family == "llama" else "internlm2_model")
     model = load_model(str(folder), precision=pick_precision(device="cpu"), attn_implementation=attn).eval()

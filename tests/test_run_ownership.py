@@ -14,8 +14,8 @@ import pytest
 from conftest import run_cli
 from test_train import _wait_for, losses
 
-from engine.runlock import RunLock, claim
-from engine.runs import RunDirectory
+from engine.train.runlock import RunLock, claim
+from engine.train.runs import RunDirectory
 
 QUICK = ["--set", "save_steps=3", "--set", "evaluation_inputs=[]"]
 

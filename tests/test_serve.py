@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import NAME, run_cli
 
-from engine.identity import DEFAULT_ANSWER
+from engine.data.identity import DEFAULT_ANSWER
 
 IDENTITY = DEFAULT_ANSWER.format(name=NAME)
 KEY = "sk-test-key"
@@ -34,8 +34,8 @@ def free_port() -> int:
 def server(tiny_model, trained_run):
     import uvicorn
 
-    from engine.inference import ModelHost, Scheduler
-    from engine.server import build_app
+    from engine.serve.scheduler import ModelHost, Scheduler
+    from engine.serve.server import build_app
 
     host = ModelHost(str(tiny_model), template="internlm2_chat")
     host.add_adapter("tuned", str(trained_run))
@@ -322,7 +322,7 @@ def test_serve_on_a_busy_port_says_so_before_loading_the_model(tiny_model):
 def test_a_corrupt_adapter_is_a_400_naming_it(server, tmp_path):
     import shutil
 
-    from engine.checkpoint import resolve_checkpoint
+    from engine.train.checkpoint import resolve_checkpoint
 
     bad = tmp_path / "bad"
     shutil.copytree(resolve_checkpoint(str(server.run)), bad)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_RECIPE
 
-from engine.catalogue import COPIED_FROM
+from engine.recipe.catalogue import COPIED_FROM
 
 WS = Path("/tmp/tunedeck-snapshot-workspace")     # fixed: the path shows in the header
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from engine.templates import IGNORE_INDEX, TEMPLATE_NAMES, TEMPLATES, encode_conversation, encode_prompt
+from engine.data.templates import IGNORE_INDEX, TEMPLATE_NAMES, TEMPLATES, encode_conversation, encode_prompt
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import NAME, run_cli
 
-from engine.identity import DEFAULT_ANSWER
-from engine.runs import RunDirectory
+from engine.data.identity import DEFAULT_ANSWER
+from engine.train.runs import RunDirectory
 
 IDENTITY = DEFAULT_ANSWER.format(name=NAME)
 
@@ -71,8 +71,9 @@ def test_demo_behind_a_pipe_says_how_to_open_the_app(tmp_path):
 
 
 def test_demo_verdicts():
-    from engine.demo import identity_verdict
-    from engine.llava_demo import accuracy_verdict
+    from engine.workflow.demo import identity_verdict
+
+    from engine.llava.demo import accuracy_verdict
 
     assert identity_verdict("Ann", "hello", "我是Ann的小助手")[0]
     assert not identity_verdict("Ann", "我是Ann", "我是Ann的小助手")[0]     # the base knew it already
@@ -114,8 +115,8 @@ def test_checkpoint_is_a_peft_adapter_peft_loads_directly(trained_run, tiny_mode
 def test_training_uses_4bit_base_weights(workspace):
     import bitsandbytes as bnb
 
-    from engine.config import load_recipe
-    from engine.trainer import Trainer
+    from engine.recipe.schema import load_recipe
+    from engine.train.trainer import Trainer
 
     _, recipe = load_recipe("demo.yaml", ["model.path=models/tiny-chat",
                                           "data.data_path=data/personal_assistant.jsonl"])
@@ -135,7 +136,7 @@ def test_chat_with_run_uses_its_template_and_answers_the_identity(trained_run, t
 
 
 def test_interactive_chat_keeps_history_reset_and_exit(trained_run, tiny_model, monkeypatch, capsys):
-    from engine.chat import ChatSession, load_for_chat
+    from engine.serve.chat import ChatSession, load_for_chat
 
     s = ChatSession(load_for_chat(str(tiny_model), str(trained_run)))
     assert s.answer("你是谁") == IDENTITY
@@ -303,7 +304,7 @@ def test_tree_follows_symlinks_and_shows_sizes(workspace, capsys):
 
 
 def test_a_crash_fails_the_run_with_a_one_line_reason(workspace, monkeypatch, capsys):
-    from engine import trainer
+    from engine.train import trainer
 
     def boom(self, batches):
         raise RuntimeError("simulated crash in step")
@@ -328,7 +329,7 @@ def test_tensorboard_events_when_installed(workspace):
 
 
 def test_profile_step_writes_a_summary_and_is_left_out_of_timing(workspace, monkeypatch, capsys):
-    from engine.trainer import _busy_ms
+    from engine.train.profiling import busy_ms as _busy_ms
 
     assert _busy_ms([(0, 1000), (500, 2500), (3000, 4000), (3100, 3200)]) == 3.5      # union, in ms
     monkeypatch.setenv("TUNEDECK_PROFILE_STEP", "2")
@@ -349,9 +350,9 @@ def test_chunked_loss_and_fused_micro_batches_give_the_same_step(workspace):
     micro-batches run as one forward, give the loss and gradients of the plain per-micro-batch step."""
     import torch
 
-    from engine.config import load_recipe
-    from engine.runs import RunDirectory
-    from engine.trainer import Trainer
+    from engine.recipe.schema import load_recipe
+    from engine.train.runs import RunDirectory
+    from engine.train.trainer import Trainer
 
     old = os.getcwd()
     os.chdir(workspace)
@@ -372,7 +373,7 @@ def test_chunked_loss_and_fused_micro_batches_give_the_same_step(workspace):
     def step(chunked: bool, rows: int) -> tuple[float, list[torch.Tensor]]:
         t.loss_head = head if chunked else None
         t.optimizer.zero_grad(set_to_none=True)
-        from engine.trainer import regroup
+        from engine.train.losses import regroup
 
         group = regroup(batches, rows, t.pad_id) if rows != recipe.train.batch_size else batches
         n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
@@ -398,7 +399,7 @@ def test_fast_path_trains_the_hand_written_loops_curve(workspace):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from train_throughput import reference_loop
 
-    from engine.config import load_recipe
+    from engine.recipe.schema import load_recipe
 
     sets = ["model.path=models/tiny-chat", "data.data_path=data/personal_assistant.jsonl", "lora.dropout=0",
             "max_steps=6", "evaluation_inputs=[]", "save_steps=100", "accumulative_counts=3",
@@ -417,7 +418,7 @@ def test_compiled_layers_train_the_eager_curve_and_fall_back_when_they_fail(work
     with the fused LoRA layers and their dropout) train the eager run's loss curve, and evaluation still
     generates; compiled layers that fail on the first step are replaced by the eager ones and the run goes on.
     (The "aot_eager" backend traces the same graphs as on a GPU without generating code.)"""
-    import engine.modeling as modeling
+    import engine.model.loading as modeling
 
     monkeypatch.setattr(modeling, "COMPILE_BACKEND", "aot_eager")
     sets = ["model.path=models/tiny-chat", "data.data_path=data/personal_assistant.jsonl", "lora.dropout=0.1",

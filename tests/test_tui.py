@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from engine import catalogue
+from engine.recipe import catalogue
 
 
 def test_the_tui_never_imports_torch_transformers_or_peft(tmp_path):
@@ -154,7 +154,7 @@ def two_gpus(monkeypatch):
 async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus):
     from textual.widgets import Log, Select, Sparkline
 
-    from engine.runs import RunDirectory, find_runs
+    from engine.train.runs import RunDirectory, find_runs
     from tui.app import TunedeckApp
     from tui.widgets.plot import LossPlot
 
@@ -218,7 +218,7 @@ def trained_workspace(workspace, trained_run) -> Path:
 
 
 async def test_files_screen_shows_a_checkpoints_step_and_adapter_rank(trained_workspace):
-    from engine.runs import RunDirectory
+    from engine.train.runs import RunDirectory
     from tui.app import TunedeckApp
 
     ckpt = RunDirectory(trained_workspace / "work_dirs" / "demo").latest_checkpoint()
@@ -269,8 +269,8 @@ async def test_data_screen_generates_identity_data_and_checks_a_dataset(workspac
 async def test_chat_streams_two_different_answers_side_by_side(trained_workspace):
     from textual.widgets import Input, Select
 
-    from engine.identity import DEFAULT_ANSWER
-    from engine.runs import RunDirectory
+    from engine.data.identity import DEFAULT_ANSWER
+    from engine.train.runs import RunDirectory
     from tui.app import TunedeckApp
     from tui.screens.chat import checkpoint_choices
 

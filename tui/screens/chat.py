@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
-from engine.runs import find_runs
+from engine.train.runs import find_runs
 
 from ..client import ServiceClient, ServiceError
 from ..dialogs import PathPicker
@@ -31,7 +31,7 @@ def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
 
 def pretrain_of(checkpoint: Path) -> Path | None:
     """The pretrain checkpoint a LLaVA finetune started from (its recipe's llava.pretrained_pth)."""
-    from engine.runs import RunDirectory
+    from engine.train.runs import RunDirectory
 
     try:
         ref = json.loads((checkpoint / "tunedeck.json").read_text()).get("pretrained_pth")

@@ -10,8 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Static, Tree
 
-from engine import catalogue
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.recipe import catalogue
 
 from ..dialogs import NameDialog
 from ..highlight import highlight_yaml

@@ -13,8 +13,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static, Switch
 
-from engine.errors import UserError
-from engine.identity import DEFAULT_ANSWER, identity_records, write_identity
+from engine.core.errors import UserError
+from engine.data.identity import DEFAULT_ANSWER, identity_records, write_identity
 
 from ..widgets.select import chosen
 from ..workspace import run_engine, workspace_configs
@@ -40,7 +40,7 @@ class DataPane(Horizontal):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="wizard"):
-            yield Label("[b]Identity dataset[/b] (the seed's generate_data.py)")
+            yield Label("[b]Identity dataset[/b] (what the tutorial's generate_data.py writes)")
             yield Label("whose assistant")
             yield Input(placeholder="your name", id="id-name")
             yield Label("repetitions (n+1 records)")

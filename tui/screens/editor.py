@@ -16,8 +16,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static, Switch
 
-from engine import catalogue
-from engine.errors import ConfigError, UserError
+from engine.core.errors import ConfigError, UserError
+from engine.recipe import catalogue
 
 from ..dialogs import NameDialog, PathPicker
 from ..messages import ConfigsChanged
@@ -25,7 +25,7 @@ from ..widgets.select import chosen
 
 
 def _config():
-    import engine.config as c  # pydantic and ruamel load when the editor is first used
+    import engine.recipe.schema as c  # pydantic and ruamel load when the editor is first used
 
     return c
 

@@ -14,8 +14,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DirectoryTree, Log, Static
 
-from engine.runs import RunDirectory, checkpoint_step, is_complete_checkpoint
-from engine.tree import dir_size, human_size
+from engine.core.tree import dir_size, human_size
+from engine.train.runs import RunDirectory, checkpoint_step, is_complete_checkpoint
 
 from ..messages import ChatWith
 from ..workspace import engine_command, engine_env, run_engine

@@ -15,9 +15,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, DataTable, Log, ProgressBar, Select, Sparkline, Static
 
-from engine.constants import DEEPSPEED_CHOICES
-from engine.errors import UserError
-from engine.runs import RunDirectory, find_runs, format_eta, format_loss
+from engine.core.constants import DEEPSPEED_CHOICES
+from engine.core.errors import UserError
+from engine.train.runs import RunDirectory, find_runs, format_eta, format_loss
 
 from ..gpus import list_gpus
 from ..messages import ShowRun

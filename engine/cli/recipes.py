@@ -1,0 +1,37 @@
+"""list-cfg, copy-cfg: the shipped recipes."""
+
+from __future__ import annotations
+
+from engine.cli.common import add_verb
+
+
+def register(sub) -> None:
+    p = add_verb(sub, "list-cfg", "list the built-in recipes", "tunedeck list-cfg",
+                 "tunedeck list-cfg -p internlm2")
+    p.add_argument("-p", "--pattern", help="only names containing PATTERN")
+    p.set_defaults(verb_handler=list_cfg)
+
+    p = add_verb(sub, "copy-cfg", "copy a built-in recipe into a folder, to edit it",
+                 "tunedeck copy-cfg internlm2_chat_1_8b_qlora_alpaca_e3 .",
+                 "tunedeck copy-cfg internlm2_chat_1_8b_qlora_alpaca_e3 recipes --as my_assistant",
+                 description="Copy a built-in recipe to DIR/NAME_copy.yaml (or DIR/AS.yaml); an existing file "
+                             "is never overwritten.")
+    p.add_argument("name", help="a built-in recipe (see list-cfg)")
+    p.add_argument("dir", help="the folder to copy it into (made if missing)")
+    p.add_argument("--as", dest="new_name", metavar="AS", help="file name (without .yaml) instead of NAME_copy")
+    p.set_defaults(verb_handler=copy_cfg)
+
+
+def list_cfg(args) -> int:
+    from engine.recipe.catalogue import list_cfg
+
+    for e in list_cfg(args.pattern):
+        print(e.name)
+    return 0
+
+
+def copy_cfg(args) -> int:
+    from engine.recipe.catalogue import copy_cfg
+
+    print(f"Copy to {copy_cfg(args.name, args.dir, args.new_name)}")
+    return 0

@@ -1,0 +1,109 @@
+"""train, runs, stop, and the detached worker's own entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from engine.cli.common import add_set, add_verb
+from engine.core.constants import DEEPSPEED_CHOICES
+
+
+def register(sub) -> None:
+    p = add_verb(sub, "train", "train a recipe (QLoRA, LoRA or full; one GPU, several, or the CPU)",
+                 "tunedeck train my_recipe.yaml --detach",
+                 "tunedeck train my_recipe.yaml --resume",
+                 "tunedeck train my_recipe.yaml --deepspeed zero2 --devices 0,1",
+                 description="Train a recipe into a run directory (config.yaml, status.json, metrics.jsonl, "
+                             "train.log, checkpoints). One trainer per run directory; --resume continues at the "
+                             "exact step of the latest checkpoint.")
+    p.add_argument("config", help="a recipe file or a built-in recipe name")
+    p.add_argument("--work-dir", help="the run directory (default: work_dirs/<recipe name>, numbered if taken)")
+    add_set(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue the latest run of this recipe, or the given checkpoint or run directory, "
+                        "at its exact step")
+    p.add_argument("--deepspeed", metavar="CONFIG",
+                   help="train under DeepSpeed with a shipped config: " + " | ".join(DEEPSPEED_CHOICES[1:]))
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs to train on, data parallel through torchrun (default: one per --devices entry, "
+                        "else 1)")
+    p.add_argument("--devices", help="which GPUs, e.g. 0 or 1,3 (sets CUDA_VISIBLE_DEVICES for the run)")
+    p.add_argument("--detach", action="store_true", help="run in the background, in its own session; print the "
+                                                         "run directory")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the recipe differs from the run's own config.yaml")
+    p.set_defaults(verb_handler=train)
+
+    p = add_verb(sub, "runs", "list runs with their state, progress, loss and ETA",
+                 "tunedeck runs", "tunedeck runs --json")
+    p.add_argument("--root", default="work_dirs", help="the folder the run directories are in")
+    p.add_argument("--json", action="store_true", help="machine-readable: one object per run")
+    p.set_defaults(verb_handler=runs)
+
+    p = add_verb(sub, "stop", "save a checkpoint and stop a running training",
+                 "tunedeck stop my_recipe", "tunedeck stop work_dirs/my_recipe_2 --wait 300")
+    p.add_argument("run", help="the run directory, or its name under --root")
+    p.add_argument("--root", default="work_dirs", help="the folder the run directories are in")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the checkpoint")
+    p.set_defaults(verb_handler=stop)
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """The detached / torchrun training process's own arguments (not a verb people type)."""
+    p = argparse.ArgumentParser(prog="tunedeck _worker")
+    p.add_argument("run_dir")
+    p.add_argument("--resume-from")
+    p.add_argument("--gpus", type=int, default=1)
+    p.set_defaults(verb_handler=worker)
+    return p
+
+
+def train(args) -> int:
+    from engine.workflow.train import train
+
+    started = train(args.config, args.overrides, work_dir=args.work_dir, resume=args.resume,
+                    deepspeed=args.deepspeed, force=args.force, gpus=args.gpus, devices=args.devices,
+                    detach=args.detach)
+    if args.detach:
+        print(started.run_dir)
+        print(f"started pid {started.pid}; follow with: tail -f {started.run_dir / 'train.log'}", file=sys.stderr)
+    return started.rc
+
+
+def worker(args) -> int:
+    from engine.workflow.train import work
+
+    return work(args.run_dir, args.resume_from, args.gpus)
+
+
+def runs(args) -> int:
+    from engine.train.runs import find_runs, format_eta, format_loss
+
+    rows = [r.summary() for r in find_runs(args.root)]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return 0
+    if not rows:
+        print(f"no runs under {args.root}")
+        return 0
+    print(f"{'RUN':<40} {'STATE':<9} {'STEP':>11} {'LOSS':>8} {'ETA':>8}  INFO")
+    for r in rows:
+        prog = f"{r['step']}/{r['total_steps'] or '?'}"
+        info = r["error"] if r["state"] == "failed" else (r["latest_checkpoint"] or "")
+        eta = format_eta(r["eta_s"]) if r["state"] == "running" else "-"
+        rel = os.path.relpath(r["run"])
+        shown = r["run"] if rel.startswith("..") else rel
+        print(f"{shown:<40} {r['state']:<9} {prog:>11} {format_loss(r['loss']):>8} {eta:>8}  {info}")
+    return 0
+
+
+def stop(args) -> int:
+    from engine.train.runs import resolve_run
+
+    run = resolve_run(args.run, args.root)
+    st = run.request_stop(args.wait)
+    print(f"{st.get('state')} at step {st.get('step')}; latest checkpoint: {run.latest_checkpoint() or 'none'}")
+    return 0 if st.get("state") in ("stopped", "finished") else 1
