@@ -71,9 +71,8 @@ def test_demo_behind_a_pipe_says_how_to_open_the_app(tmp_path):
 
 
 def test_demo_verdicts():
-    from engine.workflow.demo import identity_verdict
-
     from engine.llava.demo import accuracy_verdict
+    from engine.workflow.demo import identity_verdict
 
     assert identity_verdict("Ann", "hello", "我是Ann的小助手")[0]
     assert not identity_verdict("Ann", "我是Ann", "我是Ann的小助手")[0]     # the base knew it already

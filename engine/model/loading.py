@@ -157,7 +157,7 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> l
     is torch.compile's (inductor only), e.g. "reduce-overhead" for CUDA graphs.
 
     Gradient checkpointing stays where transformers puts it. Moving the checkpoint inside the compiled
-    graph was measured (H200, levers explored with bench/train_throughput.py --explore): with dropout the partitioner keeps the
+    graph was measured (H200, bench/train_throughput.py --explore): with dropout the partitioner keeps the
     dropout outputs instead of recomputing them (49 GiB at 16 rows), and with the dropout recomputed
     from its Philox state (functionalize_rng_ops) a step was slower than with the checkpoint outside."""
     import torch._dynamo
