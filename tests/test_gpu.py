@@ -4,6 +4,10 @@ stages, resume under DeepSpeed, and the low-memory preset."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import REPO, run_cli
@@ -43,16 +47,27 @@ def test_gpu_training_paths(workspace, recipe, sets):
     assert m[-1]["loss"] < m[0]["loss"] and m[-1]["gpu_mem_gib"] > 0
 
 
+def train_process(workspace, *args) -> int:
+    """`tunedeck train` in its own process, as a person runs it: DeepSpeed's process group and its
+    engine's state belong to one run, not to whatever trained before it in this test process."""
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "train", *map(str, args)], cwd=workspace,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    if out.returncode:
+        print(out.stdout[-4000:], out.stderr[-4000:])
+    return out.returncode
+
+
 @pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")
 @pytest.mark.parametrize("recipe, stage", [(QLORA, "zero1"), (QLORA, "zero2"), (LORA, "zero3")])
 def test_deepspeed_stages_train_save_and_resume(workspace, recipe, stage):
-    assert run_cli("train", recipe, "--work-dir", "d", "--deepspeed", stage, *QUICK) == 0
+    assert train_process(workspace, recipe, "--work-dir", "d", "--deepspeed", stage, *QUICK) == 0
     rd = RunDirectory(workspace / "d")
     first = [x["loss"] for x in rd.metrics()]
     assert rd.status()["state"] == "finished" and first[-1] < first[0]
     assert (rd.latest_checkpoint() / "adapter_model.safetensors").stat().st_size > 1000
-    assert run_cli("train", recipe, "--work-dir", "d", "--deepspeed", stage, "--resume",
-                   workspace / "d" / "checkpoint-3", *QUICK) == 0
+    assert train_process(workspace, recipe, "--work-dir", "d", "--deepspeed", stage, "--resume",
+                         workspace / "d" / "checkpoint-3", *QUICK) == 0
     again = [x["loss"] for x in rd.metrics()]
     assert again[3:] == pytest.approx(first[3:], rel=2e-2)
 
