@@ -40,22 +40,27 @@ NATIVE_MARKER = "tunedeck_native.json"          # in a converted folder: where i
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 _LAYER = r"model\.layers\.(\d+)\."
-_RENAMES = [
-    (re.compile(r"^model\.tok_embeddings\.weight$"), "model.embed_tokens.weight"),
-    (re.compile(rf"^{_LAYER}attention\.wo\.(weight|bias)$"), r"model.layers.\1.self_attn.o_proj.\2"),
-    (re.compile(rf"^{_LAYER}feed_forward\.w1\.weight$"), r"model.layers.\1.mlp.gate_proj.weight"),
-    (re.compile(rf"^{_LAYER}feed_forward\.w3\.weight$"), r"model.layers.\1.mlp.up_proj.weight"),
-    (re.compile(rf"^{_LAYER}feed_forward\.w2\.weight$"), r"model.layers.\1.mlp.down_proj.weight"),
-    (re.compile(rf"^{_LAYER}attention_norm\.weight$"), r"model.layers.\1.input_layernorm.weight"),
-    (re.compile(rf"^{_LAYER}ffn_norm\.weight$"), r"model.layers.\1.post_attention_layernorm.weight"),
-    (re.compile(r"^model\.norm\.weight$"), "model.norm.weight"),
-    (re.compile(r"^output\.weight$"), "lm_head.weight"),
-]
+# InternLM2's weight names -> Llama's, one table for both directions: whole names, then the part after
+# model.layers.N. (wqkv is split into q/k/v_proj apart)
+_TOP_NAMES = {"model.tok_embeddings.weight": "model.embed_tokens.weight", "model.norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+                "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+                "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 _WQKV = re.compile(rf"^{_LAYER}attention\.wqkv\.(weight|bias)$")
 _QKV = re.compile(rf"^{_LAYER}self_attn\.([qkv])_proj\.(weight|bias)$")
+_IN_LAYER = re.compile(rf"^{_LAYER}(.+)\.(weight|bias)$")
 # module names, for adapters: Llama's -> InternLM2's
-MODULE_NAMES = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
-                "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
+MODULE_NAMES = {llama: intern for intern, llama in _LAYER_NAMES.items() if "norm" not in intern}
+
+
+def _renamed(key: str, top: dict[str, str], layer: dict[str, str]) -> str | None:
+    if key in top:
+        return top[key]
+    m = _IN_LAYER.match(key)
+    if m and m.group(2) in layer:
+        return f"model.layers.{m.group(1)}.{layer[m.group(2)]}.{m.group(3)}"
+    return None
 
 
 # ---------------------------------------------------------------------------- recognising one
@@ -120,13 +125,11 @@ def to_llama_state(state: dict[str, Any], h: Heads) -> dict[str, Any]:
             for name, part in zip("qkv", (q, k, v)):
                 out[f"model.layers.{m.group(1)}.self_attn.{name}_proj.{m.group(2)}"] = part
             continue
-        for pattern, repl in _RENAMES:
-            if pattern.match(key):
-                out[pattern.sub(repl, key)] = t
-                break
-        else:
-            if "rotary_emb" not in key:       # a buffer the Llama model computes itself
-                raise UserError(f"InternLM2 checkpoint: unexpected weight {key!r}")
+        llama = _renamed(key, _TOP_NAMES, _LAYER_NAMES)
+        if llama is not None:
+            out[llama] = t
+        elif "rotary_emb" not in key:       # a buffer the Llama model computes itself
+            raise UserError(f"InternLM2 checkpoint: unexpected weight {key!r}")
     return out
 
 
@@ -148,18 +151,10 @@ def to_internlm2_state(state: dict[str, Any], h: Heads) -> dict[str, Any]:
 
 
 def _internlm2_key(key: str) -> str:
-    fixed = {"model.embed_tokens.weight": "model.tok_embeddings.weight", "lm_head.weight": "output.weight",
-             "model.norm.weight": "model.norm.weight"}
-    if key in fixed:
-        return fixed[key]
-    m = re.match(rf"^{_LAYER}(.+)$", key)
-    if m:
-        rest = m.group(2)
-        for llama, intern in (*MODULE_NAMES.items(), ("input_layernorm", "attention_norm"),
-                              ("post_attention_layernorm", "ffn_norm")):
-            if rest.startswith(llama + "."):
-                return f"model.layers.{m.group(1)}.{intern}{rest[len(llama):]}"
-    raise UserError(f"cannot write {key!r} in InternLM2's layout")
+    name = _renamed(key, {v: k for k, v in _TOP_NAMES.items()}, {v: k for k, v in _LAYER_NAMES.items()})
+    if name is None:
+        raise UserError(f"cannot write {key!r} in InternLM2's layout")
+    return name
 
 
 def llama_config(cfg: dict[str, Any]) -> Any:

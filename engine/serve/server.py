@@ -159,7 +159,8 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
     async def body_json(request: Request) -> Any:
         return json.loads(await read_body(request, limit))
 
-    async def chat_completions(request: Request) -> Response:
+    async def json_object(request: Request) -> dict | Response:
+        """The request's body as a JSON object, or the error response to send instead."""
         try:
             body = await body_json(request)
         except RequestTooLarge:
@@ -168,6 +169,12 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
             return error(400, f"request body is not valid JSON ({e})")
         if not isinstance(body, dict):
             return error(400, "request body must be a JSON object")
+        return body
+
+    async def chat_completions(request: Request) -> Response:
+        body = await json_object(request)
+        if isinstance(body, Response):
+            return body
         try:
             req = ChatRequest.model_validate(body)
         except ValidationError as e:
@@ -280,13 +287,10 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         return JSONResponse({"object": "list", "data": served_list(host)})
 
     async def add_adapter(request: Request) -> Response:
-        try:
-            body = await body_json(request)
-        except RequestTooLarge:
-            return too_large()
-        except (ValueError, UnicodeDecodeError) as e:
-            return error(400, f"request body is not valid JSON ({e})")
-        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
+        body = await json_object(request)
+        if isinstance(body, Response):
+            return body
+        if not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
             return error(400, "expected {\"name\": str, \"path\": str}", param="name")
         try:
             sm = await asyncio.to_thread(host.add_adapter, body["name"], body["path"], body.get("template"),
