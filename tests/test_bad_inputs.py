@@ -40,7 +40,7 @@ CASES = [
      "error: {ws}/afile/sub: Not a directory"),
     ("copy-cfg --as with a folder in it",
      ["copy-cfg", "demo_tiny_qlora_self", "{ws}/cfg", "--as", "a/b"], None,
-     "error: --as: 'a/b' is not a file name (no folders, no leading dot); give a name like my_recipe"),
+     "error: --as: 'a/b' is not a recipe name (letters, digits, _ . - only; no folders); give a name like my_recipe"),
     ("data identity -o into a folder under a file",
      ["data", "identity", "--name", "X", "-o", "{ws}/afile/x.json"], "afile",
      "error: {ws}/afile: is a file, not a folder"),

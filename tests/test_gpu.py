@@ -67,7 +67,7 @@ def test_deepspeed_stages_train_save_and_resume(workspace, recipe, stage):
     assert rd.status()["state"] == "finished" and first[-1] < first[0]
     assert (rd.latest_checkpoint() / "adapter_model.safetensors").stat().st_size > 1000
     assert train_process(workspace, recipe, "--work-dir", "d", "--deepspeed", stage, "--resume",
-                         workspace / "d" / "checkpoint-3", *QUICK) == 0
+                         workspace / "d" / "checkpoint-3", "--force", *QUICK) == 0
     again = [x["loss"] for x in rd.metrics()]
     assert again[3:] == pytest.approx(first[3:], rel=2e-2)
 

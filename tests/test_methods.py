@@ -36,7 +36,7 @@ def test_full_finetune_learns_saves_a_model_and_resumes(workspace):
     assert not (ckpt / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(str(ckpt))                       # a whole model, loadable as is
     assert run_cli("train", recipe, "--work-dir", "full", "--resume", workspace / "full" / "checkpoint-4",
-                   *QUICK) == 0
+                   "--force", *QUICK) == 0
     again = curve(workspace / "full")
     assert again[4:] == pytest.approx(c[4:], abs=1e-6)
 

@@ -39,6 +39,11 @@ def test_demo_learns_the_identity_and_the_base_does_not(tmp_path, capsys, cpu_bf
     assert curve[max(curve)] < 0.2 * curve[1]            # the loss really fell
     assert RunDirectory(run).status()["state"] == "finished"
     assert f"verdict: learned -- the fine-tuned answer holds {NAME!r}, the base model's does not" in out
+    from engine.recipe.schema import RecipeDocument
+
+    doc = RecipeDocument.load(tmp_path / "ws" / "configs" / "demo.yaml")   # started from the app, it trains as is
+    assert (tmp_path / "ws" / doc.get("data.data_path")).is_file()
+    assert (tmp_path / "ws" / doc.get("model.path") / "config.json").is_file()
 
 
 def test_a_demo_that_did_not_learn_says_so_and_fails(tmp_path, capsys):
@@ -171,9 +176,10 @@ def test_merge_answers_like_base_plus_adapter(trained_run, tiny_model, tmp_path,
     assert run_cli("merge", tiny_model, trained_run, out) == 2              # never overwrites OUT
 
 
-def test_resume_continues_the_same_loss_curve(workspace):
+def test_resume_continues_the_same_loss_curve(workspace, capsys):
     """Uninterrupted run vs. the same run resumed from its step-5 checkpoint (dropout on, so the
-    RNG state matters): every later loss and the final adapter are identical."""
+    RNG state matters): every later loss and the final adapter are identical. Resuming from there
+    replaces checkpoint-10 and -12, so it is refused until --force says so."""
     import torch
     from safetensors.torch import load_file
 
@@ -182,7 +188,12 @@ def test_resume_continues_the_same_loss_curve(workspace):
     assert run_cli("train", "demo.yaml", "--work-dir", "a", *sets) == 0
     full = losses(workspace / "a")
     final = load_file(str(workspace / "a" / "checkpoint-12" / "adapter_model.safetensors"))
-    assert run_cli("train", "demo.yaml", "--work-dir", "a", "--resume", "a/checkpoint-5", *sets) == 0
+    capsys.readouterr()
+    assert run_cli("train", "demo.yaml", "--work-dir", "a", "--resume", "a/checkpoint-5", *sets) == 2
+    assert "--resume checkpoint-5: checkpoint-10, checkpoint-12 came after it and would be replaced" in \
+        capsys.readouterr().err
+    assert losses(workspace / "a") == full                                # nothing touched
+    assert run_cli("train", "demo.yaml", "--work-dir", "a", "--resume", "a/checkpoint-5", "--force", *sets) == 0
     resumed = losses(workspace / "a")
     assert sorted(resumed) == list(range(1, 13))
     assert [resumed[s] for s in range(6, 13)] == [full[s] for s in range(6, 13)]

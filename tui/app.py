@@ -15,6 +15,16 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from .client import ServiceClient
 from .messages import ChatWith, ConfigsChanged, EditConfig, ShowRun
+from .typing import in_field
+
+# keys a screen handles itself (not app bindings), for the ? screen
+PANE_KEYS = {
+    "configs": [("letters", "filter the recipes (as list-cfg -p)"), ("enter", "edit a workspace recipe"),
+                ("↑ ↓ ← →", "move in the tree")],
+    "runs": [("enter", "show the run"), ("↑ ↓", "move in the run list")],
+    "chat": [("letters", "start typing a prompt"), ("enter", "send it to both sides")],
+    "files": [("enter", "open a folder / show a file")],
+}
 
 PANE_CLASSES = {"configs": "ConfigsPane", "editor": "EditorPane", "runs": "RunsPane", "chat": "ChatPane",
                 "files": "FilesPane", "data": "DataPane"}
@@ -101,23 +111,33 @@ class TunedeckApp(App):
     CSS_PATH = Path(__file__).parent / "app.tcss"   # absolute: subclasses elsewhere find it too
     TITLE = "tunedeck"
     COMMANDS = App.COMMANDS | {TunedeckCommands}
+    # One keyboard model: screen keys (digits, letters) act only outside text fields, where a field
+    # would otherwise take them as typing; escape always leaves a field; keys that must work inside
+    # fields are ctrl or function keys. Configs and Chat send letters typed outside a field to their
+    # filter / prompt, so typing "qwen" filters and never quits.
     BINDINGS = [
-        Binding("1", "show('configs')", "Configs"),
-        Binding("2", "show('editor')", "Editor"),
-        Binding("3", "show('runs')", "Runs"),
-        Binding("4", "show('chat')", "Chat"),
-        Binding("5", "show('files')", "Files"),
-        Binding("6", "show('data')", "Data"),
-        Binding("c", "pane('configs', 'copy')", "Copy to workspace"),
-        Binding("e", "pane('configs', 'edit')", "Edit"),
-        Binding("ctrl+s", "pane('editor', 'save')", "Save"),
-        Binding("ctrl+e", "pane('editor', 'external')", "$EDITOR"),
+        Binding("1", "show('configs')", "Configs", key_display="1-6", show=True),
+        Binding("2", "show('editor')", "Editor", show=False),
+        Binding("3", "show('runs')", "Runs", show=False),
+        Binding("4", "show('chat')", "Chat", show=False),
+        Binding("5", "show('files')", "Files", show=False),
+        Binding("6", "show('data')", "Data", show=False),
+        Binding("escape", "leave_field", "Leave field"),
+        Binding("question_mark", "help", "Keys"),
+        Binding("slash", "find", "Find"),
+        Binding("f5", "pane('configs', 'copy')", "Copy to workspace"),
+        Binding("f4", "pane('configs', 'edit')", "Edit"),
+        Binding("ctrl+s", "pane('editor', 'save')", "Save", priority=True),
+        Binding("ctrl+o", "pane('editor', 'external')", "$EDITOR", priority=True),
         Binding("n", "pane('runs', 'start')", "Start run"),
         Binding("s", "pane('runs', 'stop')", "Stop run"),
         Binding("r", "pane('runs', 'resume')", "Resume run"),
         Binding("p", "pane('runs', 'plot')", "Loss plot/log"),
-        Binding("q", "quit", "Quit"),
+        Binding("d", "pane('runs', 'delete')", "Archive/delete"),
+        Binding("q", "quit_app('q')", "Quit"),
+        Binding("ctrl+q", "quit_app", "Quit", show=False, priority=True),
     ]
+    TYPING_TABS = ("configs", "chat")          # letters typed outside a field go to the field
 
     def __init__(self, workspace: str | Path = ".", *, service_url: str | None = None,
                  api_key: str | None = None, **kw):
@@ -156,8 +176,10 @@ class TunedeckApp(App):
             if await placeholder.replace():
                 self.call_after_refresh(self._focus_pane, tab)     # when it is (still) the active one
 
-    FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form Input", "runs": "#runs-table", "chat": "#chat-input",
-             "files": "#files-tree", "data": "#id-name"}
+    # where focus lands on a screen, and goes back to on escape: never a text field, so the next digit
+    # switches screens instead of being typed
+    FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form", "runs": "#runs-table", "chat": "#chat-left",
+             "files": "#files-tree", "data": "#id-generate"}
 
     def action_show(self, tab: str) -> None:
         tabs = self.query_one("#tabs", TabbedContent)
@@ -185,11 +207,68 @@ class TunedeckApp(App):
                 pane.refresh_checkpoints()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        """A screen's keys work (and show in the footer) while its tab is active."""
+        """A screen's keys work (and show in the footer) while its tab is active; escape shows while a
+        field has focus; q is not a key on a screen where letters are typing."""
+        # asked for every binding on every focus or tab change: no DOM query here
+        active = self._tabs.active if self._tabs is not None else None
         if action == "pane":
-            # asked for every binding on every focus or tab change: no DOM query here
-            return self._tabs is not None and parameters[0] == self._tabs.active
+            return parameters[0] == active
+        if action == "leave_field":
+            return in_field(self.focused)
+        if action == "find":
+            return active in self.FIND
+        if action == "quit_app" and parameters == ("q",):
+            return active not in self.TYPING_TABS         # there q is a letter of the filter / prompt
         return True
+
+    FIND = {"configs": "#cfg-filter", "editor": "#ed-jump"}      # `/`: the screen's filter or jump-to-field
+
+    def action_find(self) -> None:
+        if self._tabs is not None and (target := self.query(self.FIND.get(self._tabs.active, "#none"))):
+            target.first().focus()
+
+    def action_leave_field(self) -> None:
+        if in_field(self.focused) and self._tabs is not None:
+            self._focus_pane(self._tabs.active)
+
+    def action_help(self) -> None:
+        from .dialogs import KeysScreen
+
+        tab = self._tabs.active if self._tabs is not None else "configs"
+        self.push_screen(KeysScreen(dict(TABS)[tab], self.key_rows(tab)))
+
+    def key_rows(self, tab: str) -> list[tuple[str, str]]:
+        """(key, what it does) on this screen: the app's and this screen's keys, then the fixed ones."""
+        rows: list[tuple[str, str]] = []
+        for b in self.BINDINGS:
+            action = b.action
+            if action.startswith("pane(") and f"'{tab}'" not in action:
+                continue
+            if action == "leave_field" or b.key == "ctrl+q":
+                continue
+            if action.startswith("quit_app") and tab in self.TYPING_TABS:
+                continue
+            rows.append((b.key if action.startswith("show(") else self.get_key_display(b),
+                         f"the {b.description} screen" if action.startswith("show(") else b.description))
+        rows += PANE_KEYS.get(tab, [])
+        rows += [("tab / shift+tab", "next / previous field or list"), ("esc", "leave a text field"),
+                 ("ctrl+p", "command palette: every action"), ("ctrl+q", "quit")]
+        return rows
+
+    async def action_quit_app(self, key: str = "ctrl+q") -> None:
+        if not self.service.started_here():
+            self.exit()
+            return
+        from .dialogs import QuitDialog
+
+        def chosen(answer: str | None) -> None:
+            if answer == "stop":
+                self.exit()
+            elif answer == "keep":
+                self.service.keep = True
+                self.exit()
+
+        self.push_screen(QuitDialog(self.service.describe()), chosen)
 
     async def action_pane(self, tab: str, action: str) -> None:
         await self.run_pane_action(tab, action)

@@ -31,6 +31,20 @@ class ServiceClient:
         self.proc: subprocess.Popen | None = None
         self.base: str | None = None
         self.log_path = workspace / "work_dirs" / "serve.log"
+        self.record = workspace / "work_dirs" / "service.json"     # a service kept running when the app quit
+        self.keep = False
+        if self.url is None:
+            try:
+                self.url = json.loads(self.record.read_text())["url"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+
+    def started_here(self) -> bool:
+        """Whether this app started a service that is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def describe(self) -> str:
+        return f"the inference service for {self.base or '?'} at {self.url} (pid {self.proc.pid if self.proc else '?'})"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -65,7 +79,7 @@ class ServiceClient:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(engine_command("serve", base, "--port", str(port), *extra_args),
                                      cwd=self.workspace, env=engine_env(), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -94,7 +108,8 @@ class ServiceClient:
             raise ServiceError(r.json()["error"]["message"])
         return r.json()
 
-    def stream(self, model: str, messages: list[dict], **params) -> Iterator[str]:
+    def stream(self, model: str, messages: list[dict], usage: dict | None = None, **params) -> Iterator[str]:
+        """The answer's pieces as they come; ``usage`` is filled with the service's token counts at the end."""
         import httpx
 
         body = {"model": model, "messages": messages, "stream": True, **params}
@@ -110,6 +125,8 @@ class ServiceClient:
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         raise ServiceError(chunk["error"]["message"])
+                    if usage is not None and chunk.get("usage"):
+                        usage.update(chunk["usage"])
                     piece = chunk["choices"][0]["delta"].get("content")
                     if piece:
                         yield piece
@@ -118,6 +135,14 @@ class ServiceClient:
             raise ServiceError(f"lost the service: {type(e).__name__}{dead}") from None
 
     def close(self) -> None:
+        """Stop the service this app started, unless the user chose to keep it (then the next app in this
+        workspace finds it through work_dirs/service.json)."""
+        if self.keep and self.started_here():
+            self.record.write_text(json.dumps({"url": self.url, "pid": self.proc.pid, "base": self.base}))
+            self.proc = None
+            return
+        if self.started_here():
+            self.record.unlink(missing_ok=True)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

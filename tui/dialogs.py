@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DirectoryTree, Input, Label
+from textual.widgets import Button, DataTable, DirectoryTree, Input, Label
 
 
 class NameDialog(ModalScreen[str | None]):
@@ -67,3 +67,103 @@ class PathPicker(ModalScreen[str | None]):
     @on(Button.Pressed, "#cancel")
     def cancel(self) -> None:
         self.dismiss(None)
+
+
+class ConfirmDialog(ModalScreen[bool]):
+    """A yes / no question; escape is no."""
+
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel")]
+
+    def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel"):
+        super().__init__()
+        self.question, self.yes, self.no = question, yes, no
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question)
+            with Horizontal(classes="buttons"):
+                yield Button(self.yes, variant="warning", id="yes")
+                yield Button(self.no, id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()          # a stray enter never confirms
+
+    @on(Button.Pressed, "#yes")
+    def yes_pressed(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#no")
+    def no_pressed(self) -> None:
+        self.dismiss(False)
+
+
+class QuitDialog(ModalScreen[str | None]):
+    """Quitting while a service this app started runs: stop it, keep it, or stay."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"This app started {self.what}.\nTraining runs keep running whatever you choose.")
+            with Horizontal(classes="buttons"):
+                yield Button("Stop it and quit", variant="warning", id="stop")
+                yield Button("Keep it and quit", id="keep")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#cancel", Button).focus()
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(None if event.button.id == "cancel" else event.button.id)
+
+
+class KeysScreen(ModalScreen[None]):
+    """`?`: every key of the current screen."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("question_mark", "dismiss", "Close"),
+                Binding("q", "dismiss", "Close")]
+
+    def __init__(self, screen_name: str, rows: list[tuple[str, str]]):
+        super().__init__()
+        self.screen_name, self.rows = screen_name, rows
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"[b]Keys on {self.screen_name}[/b]  (esc closes)")
+            table: DataTable = DataTable(id="keys-table", show_cursor=False, zebra_stripes=True)
+            table.add_columns("key", "what it does")
+            for key, what in self.rows:
+                table.add_row(key, what)
+            yield table
+
+
+class ChoiceDialog(ModalScreen[str | None]):
+    """A question with several answers (and Cancel, which escape also is); dismisses with the answer's id."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, question: str, choices: list[tuple[str, str]]):
+        super().__init__()
+        self.question, self.choices = question, choices
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question)
+            with Horizontal(classes="buttons"):
+                last = len(self.choices) - 1
+                for i, (key, label) in enumerate(self.choices):
+                    yield Button(label, id=f"choice-{key}", variant="warning" if i == last else "default")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#cancel", Button).focus()
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        bid = event.button.id or ""
+        self.dismiss(bid.removeprefix("choice-") if bid.startswith("choice-") else None)

@@ -34,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--detach", action="store_true", help="run in the background, in its own session; print the "
                                                          "run directory")
     p.add_argument("--force", action="store_true",
-                   help="with --resume: continue even though the recipe differs from the run's own config.yaml")
+                   help="with --resume: go on even though the recipe differs from the run's own config.yaml, or "
+                        "from a checkpoint that later ones came after (they are replaced)")
     p.set_defaults(verb_handler=train)
 
     p = add_verb(sub, "runs", "list runs with their state, progress, loss and ETA",

@@ -54,17 +54,23 @@ def deepspeed_config_path(name: str, root: Path = CONFIG_ROOT) -> Path:
     return p
 
 
+def recipe_stem(name: str, what: str = "--as") -> str:
+    """A recipe's file name without .yaml, as typed: letters, digits, _ . - only, so it names a file in
+    the folder it is saved in and nowhere else (no folders, no ``..``, no leading dot)."""
+    stem = name.strip().removesuffix(".yaml") if name else ""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", stem) or ".." in stem:
+        raise UserError(f"{what}: {name!r} is not a recipe name (letters, digits, _ . - only; no folders); "
+                        "give a name like my_recipe")
+    return stem
+
+
 def copy_cfg(name: str, dest_dir: str | Path, new_name: str | None = None) -> Path:
     """Write DIR/NAME_copy.yaml (or DIR/NEW_NAME.yaml); never overwrites."""
     entry = find(name)
     dest = Path(dest_dir)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest}: not a directory")
-    stem = (new_name or f"{entry.name}_copy").removesuffix(".yaml")
-    if not stem or "/" in stem or "\\" in stem or stem.startswith(".") or stem != stem.strip():
-        raise UserError(f"--as: {new_name!r} is not a file name (no folders, no leading dot); "
-                        "give a name like my_recipe")
-    target = dest / f"{stem}.yaml"
+    target = dest / f"{recipe_stem(new_name or f'{entry.name}_copy')}.yaml"
     if target.exists():
         raise UserError(f"{target}: already exists; not overwritten")
     text = entry.path.read_text(encoding="utf-8")

@@ -140,6 +140,7 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
         if ckpt is not None:
             read_trainer_state(ckpt)       # an unreadable checkpoint is refused here, not in a detached worker
             _check_checkpoint_fits(ckpt, recipe, force)
+            _check_nothing_after(run_dir, ckpt, force)
         resolved = RecipeDocument(doc.data)
         resolved.set("model.path", recipe.model.path)
         resolved.set("data.data_path", recipe.data.data_path)
@@ -222,6 +223,20 @@ def _check_checkpoint_fits(ckpt: Path, recipe, force: bool) -> None:
     if recipe.lora.enabled and int(acfg.get("r", recipe.lora.r)) != recipe.lora.r:
         raise UserError(f"--resume {ckpt}: its adapter has rank {acfg.get('r')}, the recipe's lora.r is "
                         f"{recipe.lora.r}")
+
+
+def _check_nothing_after(run_dir: Path, ckpt: Path, force: bool) -> None:
+    """Resuming from an older checkpoint trains its later steps again and replaces the checkpoints
+    saved after it: refused unless --force, so none is overwritten without asking."""
+    from engine.train.runs import RunDirectory, checkpoint_step
+
+    step = checkpoint_step(ckpt)
+    if step is None or ckpt.resolve().parent != run_dir.resolve():
+        return
+    later = [c.name for c in RunDirectory(run_dir).checkpoints() if (checkpoint_step(c) or 0) > step]
+    if later and not force:
+        raise UserError(f"--resume {ckpt.name}: {', '.join(later)} came after it and would be replaced by training "
+                        f"those steps again; resume from the latest, or pass --force to go on from {ckpt.name}")
 
 
 def _check_same_recipe(run_dir: Path, resolved, force: bool) -> None:

@@ -41,8 +41,14 @@ def prepare_workspace(workspace: Path, name: str) -> tuple[Path, Path, Path]:
         print(f"wrote the identity dataset for {name!r} to {data_file}", flush=True)
     recipe = workspace / "configs" / "demo.yaml"
     if not recipe.exists():
+        # the recipe points at this workspace's model and dataset, so starting it from the app trains
+        from engine.recipe.schema import RecipeDocument
+
+        doc = RecipeDocument.loads(find(DEMO_RECIPE).path.read_text(encoding="utf-8"))
+        doc.set("data.data_path", f"./{data_file.relative_to(workspace)}")
+        doc.set("model.path", f"./{model_dir.relative_to(workspace)}")
         recipe.parent.mkdir(parents=True, exist_ok=True)
-        recipe.write_text(find(DEMO_RECIPE).path.read_text(encoding="utf-8"), encoding="utf-8")
+        doc.save(recipe)
     return model_dir, data_file, recipe
 
 

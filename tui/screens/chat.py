@@ -5,10 +5,11 @@ input goes to both and the answers stream side by side. The model runs in `tuned
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
@@ -17,6 +18,7 @@ from engine.train.runs import find_runs
 
 from ..client import ServiceClient, ServiceError
 from ..dialogs import PathPicker
+from ..typing import type_into
 from ..widgets.image import half_blocks
 from ..widgets.select import chosen
 
@@ -78,7 +80,16 @@ class Transcript(VerticalScroll):
 
     def set_title(self, title: str) -> None:
         self.title = title
-        self.query_one(".side-title", Static).update(Text(title, style="bold cyan"))
+        self.stats = ""
+        self._show_title()
+
+    def set_stats(self, stats: str) -> None:
+        self.stats = stats
+        self._show_title()
+
+    def _show_title(self) -> None:
+        self.query_one(".side-title", Static).update(
+            Text.assemble((self.title, "bold cyan"), (f"  {self.stats}" if getattr(self, "stats", "") else "", "dim")))
 
     def _redraw(self) -> None:
         body = self.text.copy()
@@ -114,6 +125,17 @@ class Transcript(VerticalScroll):
         self._redraw()
 
 
+def answer_stats(t0: float, first: float | None, end: float, usage: dict) -> str:
+    """Time to first token and decode speed of one answer (tokens as the service counted them)."""
+    if first is None:
+        return "no answer"
+    text = f"first token {first - t0:.2f} s"
+    tokens = usage.get("completion_tokens")
+    if tokens and tokens > 1 and end > first:
+        text += f" · {(tokens - 1) / (end - first):.1f} tok/s"
+    return text
+
+
 class ChatPane(Vertical):
     def __init__(self, workspace: Path, service: ServiceClient, **kw):
         super().__init__(**kw)
@@ -124,21 +146,28 @@ class ChatPane(Vertical):
         self.llava = False
 
     def compose(self) -> ComposeResult:
-        with Horizontal(classes="buttons", id="chat-controls"):
-            yield Select([], prompt="fine-tuned checkpoint", id="chat-ckpt")
-            yield Input(placeholder="system prompt (the run's own)", id="chat-system")
-            yield Input("0", id="chat-temperature", type="number")
-            yield Input("128", id="chat-max-tokens", type="integer")
-            yield Button("Reset", id="chat-reset")
+        with Horizontal(id="chat-controls"):
+            yield Select([], prompt="fine-tuned checkpoint to compare", id="chat-ckpt", compact=True)
+            yield Label(" temperature ")
+            yield Input("0", id="chat-temperature", type="number", compact=True)
+            yield Label(" max tokens ")
+            yield Input("128", id="chat-max-tokens", type="integer", compact=True)
+            yield Button("Reset", id="chat-reset", compact=True)
+        with Horizontal(id="chat-system-row"):
+            yield Label("system ")
+            yield Input(placeholder="system prompt (default: the run's own)", id="chat-system", compact=True)
         yield Label("", id="chat-status")
         with Horizontal(id="chat-image-row"):           # LLaVA checkpoints: the image both sides are asked about
-            yield Input(placeholder="image (path) for the LLaVA comparison", id="chat-image")
-            yield Button("…", id="chat-image-pick", classes="pick")
+            yield Input(placeholder="image (path) for the LLaVA comparison", id="chat-image", compact=True)
+            yield Button("…", id="chat-image-pick", classes="pick", compact=True)
         yield Static("", id="chat-image-view")
         with Horizontal(id="chat-sides"):
             yield Transcript("base", id="chat-left")
             yield Transcript("fine-tuned", id="chat-right")
         yield Input(placeholder="ask both… (enter sends)", id="chat-input")
+
+    def on_key(self, event: events.Key) -> None:
+        type_into(self, event, "#chat-input")     # a question typed anywhere on the screen goes to the prompt
 
     def on_mount(self) -> None:
         self.set_llava(False)
@@ -162,6 +191,11 @@ class ChatPane(Vertical):
 
     @on(Select.Changed, "#chat-ckpt")
     def checkpoint_changed(self, event: Select.Changed) -> None:
+        # another model on the right: the old answers and the old image go, or they would sit under it
+        for t in self.query(Transcript):
+            t.reset()
+        self.query_one("#chat-image", Input).value = ""
+        self.right_model = None
         if chosen(event.value):
             self._connect(Path(str(event.value)))
 
@@ -173,7 +207,7 @@ class ChatPane(Vertical):
     @on(Input.Changed, "#chat-image")
     def image_changed(self, event: Input.Changed) -> None:
         path = self.image_path()
-        self.query_one("#chat-image-view", Static).update(half_blocks(path, 24, 12) if path else "")
+        self.query_one("#chat-image-view", Static).update(half_blocks(path, 16, 6) if path else "")
 
     def image_path(self) -> str | None:
         value = self.query_one("#chat-image", Input).value.strip()
@@ -277,14 +311,19 @@ class ChatPane(Vertical):
     @work(thread=True, exit_on_error=False)
     def _stream(self, side: Transcript, model: str, prompt: str | list) -> None:
         messages = self.system() + side.history + [{"role": "user", "content": prompt}]
+        usage: dict = {}
+        t0 = time.perf_counter()
+        first = None
         try:
-            for piece in self.service.stream(model, messages, **self.params()):
+            for piece in self.service.stream(model, messages, usage=usage, **self.params()):
+                first = first or time.perf_counter()
                 self.app.call_from_thread(side.piece, piece)
         except ServiceError as e:
             self.app.call_from_thread(side.done, prompt, str(e))
             self.app.call_from_thread(self.status, str(e), "bold red")
             return
         self.app.call_from_thread(side.done, prompt)
+        self.app.call_from_thread(side.set_stats, answer_stats(t0, first, time.perf_counter(), usage))
 
     @on(Button.Pressed, "#chat-reset")
     def reset(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Static, Tree
@@ -16,6 +16,7 @@ from engine.recipe import catalogue
 from ..dialogs import NameDialog
 from ..highlight import highlight_yaml
 from ..messages import ConfigsChanged, EditConfig
+from ..typing import type_into
 from ..workspace import workspace_configs
 
 
@@ -27,7 +28,7 @@ class ConfigsPane(Vertical):
         self.selected: Path | None = None
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="filter recipes (list-cfg -p)…", id="cfg-filter")
+        yield Input(placeholder="type to filter recipes (/), esc to the tree…", id="cfg-filter", compact=True)
         with Horizontal():
             tree: Tree[Path] = Tree("recipes", id="cfg-tree")
             tree.show_root = False
@@ -35,11 +36,14 @@ class ConfigsPane(Vertical):
             with VerticalScroll(id="cfg-preview-box"):
                 yield Static("", id="cfg-preview")
         with Horizontal(classes="buttons"):
-            yield Button("Copy to workspace (c)", id="cfg-copy")
-            yield Button("Edit (e)", id="cfg-edit")
+            yield Button("Copy to workspace (F5)", id="cfg-copy", compact=True)
+            yield Button("Edit (F4 / enter)", id="cfg-edit", compact=True)
 
     def on_mount(self) -> None:
         self.refresh_tree()
+
+    def on_key(self, event: events.Key) -> None:
+        type_into(self, event, "#cfg-filter")     # "qwen" typed on the tree filters (and never quits)
 
     def refresh_tree(self, pattern: str = "", select: Path | None = None) -> None:
         tree = self.query_one("#cfg-tree", Tree)
@@ -98,6 +102,8 @@ class ConfigsPane(Vertical):
             if not name:
                 return
             try:
+                if self.is_builtin(Path(self.selected)):
+                    catalogue.recipe_stem(name, "name")          # the dialog's words, not --as
                 target = catalogue.copy_cfg(source, self.workspace / "configs", name) if self.is_builtin(
                     Path(self.selected)) else self._copy_own(Path(self.selected), name)
             except UserError as e:
@@ -112,7 +118,7 @@ class ConfigsPane(Vertical):
         self.app.push_screen(dialog, done)
 
     def _copy_own(self, src: Path, name: str) -> Path:
-        target = self.workspace / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+        target = self.workspace / "configs" / f"{catalogue.recipe_stem(name, 'name')}.yaml"
         if target.exists():
             raise UserError(f"{target}: already exists; not overwritten")
         target.parent.mkdir(parents=True, exist_ok=True)

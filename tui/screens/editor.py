@@ -14,12 +14,12 @@ from typing import Any
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Button, Input, Label, Select, Static, Switch
+from textual.widgets import Button, Collapsible, Input, Label, Select, Static, Switch
 
 from engine.core.errors import ConfigError, UserError
 from engine.recipe import catalogue
 
-from ..dialogs import NameDialog, PathPicker
+from ..dialogs import ConfirmDialog, NameDialog, PathPicker
 from ..messages import ConfigsChanged
 from ..widgets.select import chosen
 
@@ -50,41 +50,59 @@ class EditorPane(Vertical):
     def __init__(self, workspace: Path, **kw):
         super().__init__(**kw)
         self.workspace = workspace
-        self.doc = None   # an engine.config.RecipeDocument once a recipe is open
+        self.doc = None   # an engine.recipe.schema.RecipeDocument once a recipe is open
         self._loading = False
+        self.dirty = False            # edits not saved yet
+        self.loaded_keys: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Static("No recipe open: pick one in Configs (copy a built-in one first).", id="ed-title")
-        with Horizontal(classes="buttons"):
-            yield Button("Save (ctrl+s)", variant="primary", id="ed-save", disabled=True)
-            yield Button("Save as", id="ed-save-as", disabled=True)
-            yield Button("$EDITOR (ctrl+e)", id="ed-external", disabled=True)
-            yield Static("", id="ed-status")
+        with Horizontal(id="ed-buttons"):
+            yield Button("Save (ctrl+s)", variant="primary", id="ed-save", disabled=True, compact=True)
+            yield Button("Save as", id="ed-save-as", disabled=True, compact=True)
+            yield Button("$EDITOR (ctrl+o)", id="ed-external", disabled=True, compact=True)
+            yield Input(placeholder="jump to field…", id="ed-jump", compact=True)
+        yield Static("", id="ed-status")
         yield VerticalScroll(id="ed-form")
 
-    def _field_rows(self) -> list[Vertical]:
-        """The form, built the first time a recipe is opened (not at start-up)."""
-        rows = []
+    def _field_rows(self) -> list[Collapsible | Static]:
+        """The form, one section per part of the recipe, built the first time a recipe is opened (not
+        at start-up)."""
+        sections: dict[str, list[Vertical]] = {}
         for spec in _config().field_specs():
+            rows = sections.setdefault(spec.path.split(".", 1)[0], [])
             if spec.annotation is bool:
                 widget = Switch(id=widget_id(spec.path))
             elif spec.choices:
-                widget = Select([(c, c) for c in spec.choices], allow_blank=False, id=widget_id(spec.path))
+                widget = Select([(c, c) for c in spec.choices], allow_blank=False, id=widget_id(spec.path),
+                                compact=True)
             else:
-                widget = Input(id=widget_id(spec.path))
+                widget = Input(id=widget_id(spec.path), compact=True)
             parts = [widget]
             if spec.path in PATH_FIELDS:
-                parts.append(Button("…", id=widget_id(spec.path) + "-pick", classes="pick"))
+                parts.append(Button("…", id=widget_id(spec.path) + "-pick", classes="pick", compact=True))
             rows.append(Vertical(
                 Label(f"[b]{spec.path}[/b]  [dim]{spec.help}[/dim]", classes="field-label"),
                 Horizontal(*parts, classes="field-input"),
                 Label("", classes="field-error", id=widget_id(spec.path) + "-error"),
                 classes="field", id=widget_id(spec.path) + "-row"))
-        rows.append(Static("", id="ed-diff"))
-        return rows
+        out: list[Collapsible | Static] = [Collapsible(*rows, title=name, collapsed=False, id=f"sec-{name}")
+                                           for name, rows in sections.items()]
+        out.append(Static("", id="ed-diff"))
+        return out
 
     # -- loading
-    async def load(self, path: Path) -> None:
+    async def load(self, path: Path, *, discard: bool = False) -> None:
+        if self.dirty and not discard and self.doc is not None:
+            name = self.doc.path.name if self.doc.path else "this recipe"
+
+            def answered(yes: bool | None) -> None:
+                if yes:
+                    self.app.call_later(self.load, path, discard=True)
+
+            self.app.push_screen(ConfirmDialog(f"{name} has unsaved changes. Discard them and open {path.name}?",
+                                               yes="Discard"), answered)
+            return
         try:
             doc = _config().RecipeDocument.load(path)
         except ConfigError as e:
@@ -111,11 +129,37 @@ class EditorPane(Vertical):
                     w.value = as_text(value)
         finally:
             self._loading = False
-        rel = path.relative_to(self.workspace) if self.workspace in path.resolve().parents else path
-        self.query_one("#ed-title", Static).update(f"[b]{rel}[/b]")
+        self.loaded_keys = {spec.path for spec in _config().field_specs() if self.doc.get(spec.path) is not None}
+        self.query_one("#sec-llava").display = bool(self.doc.get("llava.enabled"))   # LLaVA recipes only
+        self.set_dirty(False)
         for b in ("#ed-save", "#ed-save-as", "#ed-external"):
             self.query_one(b, Button).disabled = False
         self.revalidate()
+
+    def set_dirty(self, dirty: bool) -> None:
+        self.dirty = dirty
+        if self.doc is None or self.doc.path is None:
+            return
+        path = self.doc.path
+        rel = path.relative_to(self.workspace) if self.workspace in path.resolve().parents else path
+        mark = "  [yellow]● modified (ctrl+s saves)[/yellow]" if dirty else ""
+        self.query_one("#ed-title", Static).update(f"[b]{rel}[/b]{mark}")
+
+    @on(Input.Submitted, "#ed-jump")
+    def jump(self, event: Input.Submitted) -> None:
+        """Focus the first field whose name holds what was typed (lr, max_length, lora.r …)."""
+        text = event.value.strip().lower()
+        specs = _config().field_specs()
+        match = next((s for s in specs if s.path.split(".", 1)[1] == text or s.path == text), None) or \
+            next((s for s in specs if text and text in s.path), None)
+        if match is None:
+            self.app.notify(f"no field matches {event.value!r}", severity="warning")
+            return
+        self.query_one(f"#sec-{match.path.split('.', 1)[0]}", Collapsible).collapsed = False
+        widget = self.query_one("#" + widget_id(match.path))
+        widget.focus()
+        widget.scroll_visible(top=True, animate=False)
+        event.input.value = ""
 
     # -- editing
     def _apply(self, path: str, raw: Any) -> None:
@@ -129,10 +173,13 @@ class EditorPane(Vertical):
         if new == current or (raw == "" and current is None) or (
                 isinstance(current, (list, tuple)) and isinstance(new, (list, tuple)) and list(new) == list(current)):
             return          # echoes of loading the form (widgets report their values late)
-        if isinstance(raw, str) and raw == "" and not spec.required and spec.default is None:
-            self.doc.unset(path)
+        default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+        if (isinstance(raw, str) and raw == "" and not spec.required and spec.default is None) or (
+                path not in self.loaded_keys and (list(new) if isinstance(new, tuple) else new) == default):
+            self.doc.unset(path)             # back to its default: the file does not grow a key for it
         else:
             self.doc.set(path, raw)
+        self.set_dirty(True)
         self.revalidate()
 
     def revalidate(self) -> list[str]:
@@ -144,7 +191,8 @@ class EditorPane(Vertical):
             self.query_one("#" + widget_id(spec.path) + "-error", Label).update("\n".join(mine))
             self.query_one("#" + widget_id(spec.path) + "-row").set_class(bool(mine), "invalid")
         status = self.query_one("#ed-status", Static)
-        status.update(f"[red]{len(problems)} problem(s)[/red]" if problems else "[green]valid[/green]")
+        # the first problem in full, where it is seen without scrolling to its field
+        status.update(f"[red]{len(problems)} problem(s): {problems[0]}[/red]" if problems else "[green]valid[/green]")
         self.query_one("#ed-save", Button).disabled = bool(problems)
         self.query_one("#ed-save-as", Button).disabled = bool(problems)
         self._show_diff(problems)
@@ -207,6 +255,8 @@ class EditorPane(Vertical):
         except ConfigError as e:
             self.app.notify("\n".join(e.problems), severity="error")
             return
+        self.loaded_keys = {spec.path for spec in _config().field_specs() if self.doc.get(spec.path) is not None}
+        self.set_dirty(False)
         self.app.notify(f"saved {path.name}")
         self.post_message(ConfigsChanged(path))
 
@@ -218,11 +268,11 @@ class EditorPane(Vertical):
         def done(name: str | None) -> None:
             if not name or self.doc is None:
                 return
-            target = self.doc.path.with_name(f"{name.removesuffix('.yaml')}.yaml")
             try:
+                target = self.doc.path.with_name(f"{catalogue.recipe_stem(name, 'name')}.yaml")
                 self.doc.save(target, overwrite=False)
-            except ConfigError as e:
-                self.app.notify("\n".join(e.problems), severity="error")
+            except UserError as e:
+                self.app.notify("\n".join(e.problems or [str(e)]), severity="error")
                 return
             self.app.notify(f"saved as {target.name}")
             self.app.call_later(self.load, target)
@@ -235,7 +285,26 @@ class EditorPane(Vertical):
     def action_external(self) -> None:
         if self.doc is None or self.doc.path is None:
             return
+        if self.dirty:                   # the editor opens the file: the form's edits would be lost
+            def answered(yes: bool | None) -> None:
+                if yes:
+                    self.action_save()
+                    if not self.dirty:
+                        self.action_external()
+
+            self.app.push_screen(ConfirmDialog("Save the form's changes first? $EDITOR opens the file as saved.",
+                                               yes="Save and open"), answered)
+            return
         editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
-        with self.app.suspend():
-            subprocess.call([*shlex.split(editor), str(self.doc.path)])
-        self.app.call_later(self.load, self.doc.path)
+        before = self.doc.path.stat().st_mtime_ns if self.doc.path.exists() else None
+        try:
+            with self.app.suspend():
+                rc = subprocess.call([*shlex.split(editor), str(self.doc.path)])
+        except OSError as e:
+            self.app.notify(f"$EDITOR ({editor}): {e.strerror or e}", severity="error")
+            return
+        changed = self.doc.path.exists() and self.doc.path.stat().st_mtime_ns != before
+        self.app.notify(f"{editor} exited with {rc}" if rc else
+                        (f"reloaded {self.doc.path.name}" if changed else f"{self.doc.path.name}: unchanged"),
+                        severity="warning" if rc else "information")
+        self.app.call_later(self.load, self.doc.path, discard=True)

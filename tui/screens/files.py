@@ -17,6 +17,7 @@ from textual.widgets import Button, DirectoryTree, Log, Static
 from engine.core.tree import dir_size, human_size
 from engine.train.runs import RunDirectory, checkpoint_step, is_complete_checkpoint
 
+from ..dialogs import ConfirmDialog, NameDialog
 from ..messages import ChatWith
 from ..workspace import engine_command, engine_env, run_engine
 
@@ -139,9 +140,24 @@ class FilesPane(Horizontal):
     def resume(self) -> None:
         if self.selected is None:
             return
-        run = RunDirectory(self.selected.parent)
-        self._engine(["train", str(run.config_path), "--work-dir", str(run.path), "--resume", str(self.selected),
-                      "--detach"], f"resuming from {self.selected.name}")
+        ckpt = self.selected
+        run = RunDirectory(ckpt.parent)
+        args = ["train", str(run.config_path), "--work-dir", str(run.path), "--resume", str(ckpt), "--detach"]
+        step = checkpoint_step(ckpt) or 0
+        later = [c.name for c in run.checkpoints() if (checkpoint_step(c) or 0) > step]
+        state = run.status().get("state")
+        if not later and state != "finished":
+            self._engine(args, f"resuming from {ckpt.name}")
+            return
+        lost = f" and replaces {', '.join(later)}" if later else ""
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._engine(args + ["--force"], f"resuming from {ckpt.name}")
+
+        self.app.push_screen(ConfirmDialog(
+            f"{run.path.name} is {state or 'past this checkpoint'}. Resuming from {ckpt.name} trains its steps "
+            f"after {step} again{lost}. Go on?", yes="Resume and replace"), answered)
 
     @on(Button.Pressed, "#ckpt-merge")
     def merge(self) -> None:
@@ -151,8 +167,25 @@ class FilesPane(Horizontal):
         if c["kind"] != "LoRA adapter" or not c.get("base"):
             self.app.notify("only LoRA checkpoints with a known base model can be merged", severity="warning")
             return
-        out = self.workspace / "merged" / f"{self.selected.parent.name}-{self.selected.name}"
-        self._merge(c["base"], self.selected, out)
+        ckpt = self.selected
+        default = f"merged/{ckpt.parent.name}-{ckpt.name}"
+
+        def chosen_dir(name: str | None) -> None:
+            if not name:
+                return
+            out = (self.workspace / name).resolve()
+            if self.workspace.resolve() not in out.parents:
+                self.app.notify(f"{name}: outside the workspace; give a folder under {self.workspace}",
+                                severity="error")
+                return
+            if out.exists() and any(out.iterdir()):
+                self.app.notify(f"{name}: exists and is not empty; choose another folder", severity="error")
+                return
+            self._merge(c["base"], ckpt, out)
+
+        self.app.push_screen(NameDialog(f"Merge {ckpt.parent.name}/{ckpt.name} into {Path(c['base']).name}; "
+                                        "write the model to (a folder in the workspace):", default, ok="Merge",
+                                        input_id="merge-dest"), chosen_dir)
 
     @work(thread=True, exclusive=True, group="merge", exit_on_error=False)
     def _merge(self, base: str, ckpt: Path, out: Path) -> None:

@@ -5,7 +5,9 @@ answers; stop and resume. Runs live in their own processes: quitting the app nev
 from __future__ import annotations
 
 import json
+import shutil
 import threading
+import time
 from pathlib import Path
 
 from rich.text import Text
@@ -19,6 +21,7 @@ from engine.core.constants import DEEPSPEED_CHOICES
 from engine.core.errors import UserError
 from engine.train.runs import RunDirectory, find_runs, format_eta, format_loss
 
+from ..dialogs import ChoiceDialog, ConfirmDialog
 from ..gpus import list_gpus
 from ..messages import ShowRun
 from ..widgets.image import half_blocks
@@ -74,6 +77,17 @@ class JsonlTail(LogTail):
         return out
 
 
+def archive_run(run: Path, work_dirs: Path) -> Path:
+    """Move a run out of the list, into work_dirs/.archive/ (a numbered name if it is taken)."""
+    target_dir = work_dirs / ".archive"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / run.name
+    if target.exists():
+        target = target_dir / f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.rename(target)
+    return target
+
+
 class RunView(Vertical):
     """One run, live."""
 
@@ -90,9 +104,9 @@ class RunView(Vertical):
         yield Static("", id="rv-numbers")
         yield Static("", id="rv-gpus")
         yield Sparkline([], id="rv-loss")
-        with Horizontal(classes="buttons"):
-            yield Button("Stop (s)", id="rv-stop", variant="warning")
-            yield Button("Resume (r)", id="rv-resume")
+        with Horizontal(id="rv-buttons"):
+            yield Button("Stop (s)", id="rv-stop", variant="warning", compact=True)
+            yield Button("Resume (r)", id="rv-resume", compact=True)
         yield Log(id="rv-log", max_lines=5000)
         yield LossPlot(id="rv-plot")
         with Horizontal(id="rv-evals-row"):
@@ -100,8 +114,17 @@ class RunView(Vertical):
             with VerticalScroll(id="rv-evals-box"):
                 yield Static("", id="rv-evals")
 
+    def clear(self) -> None:
+        self.run = None
+        self.query_one("#rv-title", Static).update("Pick a run.")
+        self.query_one("#rv-numbers", Static).update("")
+        self.query_one("#rv-log", Log).clear()
+        self.query_one("#rv-loss", Sparkline).data = []
+        self.query_one("#rv-evals", Static).update("")
+
     def show(self, path: Path) -> None:
         self.run = RunDirectory(path)
+        self.query_one("#rv-loss", Sparkline).data = []       # not the previous run's curve for a moment
         self.tail = LogTail(self.run.log_path)
         self.metrics_tail = JsonlTail(self.run.metrics_path)
         self.evals_tail = JsonlTail(self.run.evals_path)
@@ -155,7 +178,7 @@ class RunView(Vertical):
             self.query_one("#rv-evals", Static).update(Text("\n").join(
                 Text.assemble((f"@{e['step']} ", "dim"), (f"[{Path(e['image']).name}] " if e.get("image") else "",
                                                           "magenta"), (e["prompt"], "bold"), " → ", e["answer"])
-                for e in evals[-30:]))
+                for e in reversed(evals[-30:])))            # the newest first
             image = next((e["image"] for e in reversed(evals) if e.get("image")), None)
             view = self.query_one("#rv-eval-image", Static)
             view.display = image is not None
@@ -163,7 +186,9 @@ class RunView(Vertical):
                 self._eval_image = image
                 view.update(half_blocks(image, 12, 6))
         gpus = list_gpus(st.get("devices")) if state in ("running", "starting") else []
-        self.query_one("#rv-gpus", Static).update("  ".join(g.label() for g in gpus))
+        gpu_line = self.query_one("#rv-gpus", Static)
+        gpu_line.update("  ".join(g.label() for g in gpus))
+        gpu_line.display = bool(gpus)
         self.query_one("#rv-stop", Button).disabled = state not in ("running", "starting")
         if state != self._last_state:   # listing checkpoints is a directory scan: only on changes
             self._last_state = state
@@ -209,7 +234,7 @@ class RunsWatcher:
             self.observer = None
 
 
-class RunsPane(Horizontal):
+class RunsPane(Vertical):
 
     class FilesChanged(Message):
         """Something under work_dirs changed (sent from the watchdog thread)."""
@@ -220,16 +245,18 @@ class RunsPane(Horizontal):
         self.rows: list[Path] = []
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="runs-left"):
-            with Horizontal(classes="buttons", id="start-row"):
-                yield Select([], prompt="recipe", id="start-config")
-                yield Select([(d, d) for d in DEEPSPEED_CHOICES], value="none", allow_blank=False,
-                             id="start-deepspeed")
-                yield Select([], prompt="GPU", id="start-gpus")
-                yield Button("Start (n)", variant="success", id="start-run")
+        # one line to start a run, then the run list beside the selected run: at 80x24 the log keeps
+        # at least eight rows
+        with Horizontal(id="start-row"):
+            yield Select([], prompt="recipe to start", id="start-config", compact=True)
+            yield Select([(d, d) for d in DEEPSPEED_CHOICES], value="none", allow_blank=False,
+                         id="start-deepspeed", compact=True)
+            yield Select([], prompt="GPU", id="start-gpus", compact=True)
+            yield Button("Start (n)", variant="success", id="start-run", compact=True)
+        with Horizontal(id="runs-body"):
             table: DataTable = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
             yield table
-        yield RunView(id="run-view")
+            yield RunView(id="run-view")
 
     def on_mount(self) -> None:
         table = self.query_one("#runs-table", DataTable)
@@ -322,14 +349,50 @@ class RunsPane(Horizontal):
     @on(Button.Pressed, "#rv-stop")
     def action_stop(self) -> None:
         run = self.query_one(RunView).run
+        if run is None or run.status().get("state") not in ("running", "starting"):
+            return
+
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                run.request_stop(wait_s=0)
+            except UserError as e:
+                self.app.notify(str(e), severity="warning")
+                return
+            self.app.notify(f"stopping {run.path.name}: it saves a checkpoint first")
+
+        self.app.push_screen(ConfirmDialog(f"Stop {run.path.name}? It saves a checkpoint first; resume continues "
+                                           "from there.", yes="Stop"), answered)
+
+    def action_delete(self) -> None:
+        """Archive (moved to work_dirs/.archive/) or delete the selected run, after asking."""
+        run = self.query_one(RunView).run
         if run is None:
             return
-        try:
-            run.request_stop(wait_s=0)
-        except UserError as e:
-            self.app.notify(str(e), severity="warning")
+        if run.status().get("state") in ("running", "starting"):
+            self.app.notify(f"{run.path.name} is running: stop it first", severity="warning")
             return
-        self.app.notify(f"stopping {run.path.name}: it saves a checkpoint first")
+
+        def answered(choice: str | None) -> None:
+            if choice is None:
+                return
+            try:
+                where = archive_run(run.path, self.workspace / "work_dirs") if choice == "archive" else None
+                if choice == "delete":
+                    shutil.rmtree(run.path)
+            except OSError as e:
+                self.app.notify(f"{run.path.name}: {e.strerror or e}", severity="error")
+                return
+            self.app.notify(f"archived to {where.relative_to(self.workspace)}" if where else
+                            f"deleted {run.path.name}")
+            self.query_one(RunView).clear()
+            self._signature = None
+            self.refresh_runs()
+
+        self.app.push_screen(ChoiceDialog(f"{run.path.name}: archive it (moved to work_dirs/.archive/, out of the "
+                                          "list) or delete it with its checkpoints?",
+                                          [("archive", "Archive"), ("delete", "Delete for good")]), answered)
 
     @on(Button.Pressed, "#rv-resume")
     def action_resume(self) -> None:
