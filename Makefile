@@ -56,12 +56,12 @@ docs: $(STAMP)
 	$(PY) -m engine.recipe.reference > docs/recipes.md
 	@mkdir -p docs/images
 	@set -e; cd tests/__snapshots__/test_snapshots; \
-	  cp 'test_screen_snapshot[1].svg' ../../../docs/images/configs.svg; \
-	  cp test_editor_snapshot.svg ../../../docs/images/editor.svg; \
-	  cp 'test_screen_snapshot[3].svg' ../../../docs/images/runs.svg; \
-	  cp 'test_screen_snapshot[4].svg' ../../../docs/images/chat.svg; \
-	  cp 'test_screen_snapshot[5].svg' ../../../docs/images/files.svg; \
-	  cp 'test_screen_snapshot[6].svg' ../../../docs/images/data.svg
+	  cp 'test_screen_snapshot[1-120x36].svg' ../../../docs/images/configs.svg; \
+	  cp 'test_editor_snapshot[120x36].svg' ../../../docs/images/editor.svg; \
+	  cp 'test_screen_snapshot[3-120x36].svg' ../../../docs/images/runs.svg; \
+	  cp 'test_screen_snapshot[4-120x36].svg' ../../../docs/images/chat.svg; \
+	  cp 'test_screen_snapshot[5-120x36].svg' ../../../docs/images/files.svg; \
+	  cp 'test_screen_snapshot[6-120x36].svg' ../../../docs/images/data.svg
 	@echo "docs/recipes.md and docs/images/ rewritten"
 
 clean:

@@ -1,5 +1,5 @@
 """How each screen looks (pytest-textual-snapshot): a fixed workspace with a recipe, a finished
-run and a dataset, rendered at 100x30. `pytest tests/test_snapshots.py --snapshot-update` after
+run and a dataset, rendered at 80x24 (the smallest supported terminal) and 120x36. `pytest tests/test_snapshots.py --snapshot-update` after
 an intended change, then look at the SVGs under tests/__snapshots__/."""
 
 from __future__ import annotations
@@ -69,19 +69,28 @@ def app_for(ws: Path):
     return TunedeckApp(ws)
 
 
+SIZES = [(80, 24), (120, 36)]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
 @pytest.mark.parametrize("key", ["1", "3", "4", "5", "6"])
-def test_screen_snapshot(snap_compare, snapshot_workspace, key):
+def test_screen_snapshot(snap_compare, snapshot_workspace, key, size):
     async def settle(pilot):
         await still(pilot)
 
-    assert snap_compare(app_for(snapshot_workspace), press=[key], terminal_size=(100, 30), run_before=settle)
+    assert snap_compare(app_for(snapshot_workspace), press=[key], terminal_size=size, run_before=settle)
 
 
-def test_editor_snapshot(snap_compare, snapshot_workspace):
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
+def test_editor_snapshot(snap_compare, snapshot_workspace, size):
     async def open_recipe(pilot):
         from tui.messages import EditConfig
 
         pilot.app.post_message(EditConfig(snapshot_workspace / "configs" / "my_demo.yaml"))
         await still(pilot)
 
-    assert snap_compare(app_for(snapshot_workspace), terminal_size=(100, 30), run_before=open_recipe)
+    assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=open_recipe)
+
+
+def test_too_small_snapshot(snap_compare, snapshot_workspace):
+    assert snap_compare(app_for(snapshot_workspace), terminal_size=(60, 20), run_before=still)

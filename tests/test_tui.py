@@ -71,7 +71,7 @@ async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
         tree.move_cursor(target)
         await pilot.pause()
         tree.focus()
-        await pilot.press("c")
+        await pilot.press("f5")
         await wait_for(pilot, lambda: app.screen.query("#new-name"), 20, "the copy dialog")
         name = app.screen.query_one("#new-name", Input)
         name.value = "internlm2_chat_1_8b_qlora_self_e2"
@@ -187,6 +187,13 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus)
         await pilot.pause(0.2)
         assert app.query_one("#rv-log", Log).display
         await pilot.press("s")
+        await wait_for(pilot, lambda: app.screen.query("#yes"), 20, "the stop confirmation")
+        await pilot.press("enter")                                # the focused button is Cancel: nothing stops
+        await pilot.pause(0.5)
+        assert run.status().get("state") == "running"
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.screen.query("#yes"), 20, "the stop confirmation")
+        await pilot.click("#yes")
         await pilot.pause(0.5)
         await wait_for(pilot, lambda: run.status().get("state") == "stopped", 60,
                        f"the run to stop (status {run.status()})")

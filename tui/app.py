@@ -9,9 +9,9 @@ from pathlib import Path
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.command import Hit, Hits, Provider
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.widget import MountError, Widget
-from textual.widgets import Footer, Header, TabbedContent, TabPane
+from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from .client import ServiceClient
 from .messages import ChatWith, ConfigsChanged, EditConfig, ShowRun
@@ -83,40 +83,60 @@ TABS = [("configs", "Configs"), ("editor", "Editor"), ("runs", "Runs"), ("chat",
 
 
 class TunedeckCommands(Provider):
-    """Every screen and action in the command palette."""
+    """Every screen and tunedeck action in the command palette, before Textual's own commands (theme,
+    keys, screenshot, quit), which come last."""
 
-    async def search(self, query: str) -> Hits:
+    def entries(self) -> list[tuple[str, object, str]]:
         app = self.app
         assert isinstance(app, TunedeckApp)
-        matcher = self.matcher(query)
-        entries = [(f"Show {label}", partial(app.action_show, tab), f"switch to the {label} screen")
-                   for tab, label in TABS]
-        entries += [
-            ("Copy recipe to workspace", partial(app.run_pane_action, "configs", "copy"), "copy-cfg + rename"),
-            ("Edit recipe", partial(app.run_pane_action, "configs", "edit"), "open the highlighted recipe"),
-            ("Save recipe", partial(app.run_pane_action, "editor", "save"), "validate and save"),
-            ("Open recipe in $EDITOR", partial(app.run_pane_action, "editor", "external"), "suspend the app"),
-            ("Start run", partial(app.run_pane_action, "runs", "start"), "train the chosen recipe, detached"),
-            ("Stop run", partial(app.run_pane_action, "runs", "stop"), "save a checkpoint and stop"),
-            ("Resume run", partial(app.run_pane_action, "runs", "resume"), "continue from the latest checkpoint"),
-            ("Loss plot / log", partial(app.run_pane_action, "runs", "plot"), "swap the run's log for a loss plot"),
+        act = partial(app.run_pane_action)
+        out = [(f"Show {label}", partial(app.action_show, tab), f"switch to the {label} screen ({i})")
+               for i, (tab, label) in enumerate(TABS, 1)]
+        out += [
+            ("Copy recipe to workspace", partial(act, "configs", "copy"), "copy-cfg under a new name (F5)"),
+            ("Edit recipe", partial(act, "configs", "edit"), "open the highlighted recipe (F4, enter)"),
+            ("Save recipe", partial(act, "editor", "save"), "validate and save (ctrl+s)"),
+            ("Save recipe as", partial(act, "editor", "save_as"), "save under another name"),
+            ("Open recipe in $EDITOR", partial(act, "editor", "external"), "suspend the app (ctrl+o)"),
+            ("Check a recipe's data", partial(act, "data", "check"), "records, token lengths, masked sample"),
+            ("Start run", partial(act, "runs", "start"), "train the chosen recipe, detached (n)"),
+            ("Stop run", partial(act, "runs", "stop"), "save a checkpoint and stop (s)"),
+            ("Resume run", partial(act, "runs", "resume"), "continue from the latest checkpoint (r)"),
+            ("Archive or delete run", partial(act, "runs", "delete"), "out of the list, or gone (d)"),
+            ("Loss plot / log", partial(act, "runs", "plot"), "swap the run's log for a loss plot (p)"),
+            ("Merge checkpoint", partial(act, "files", "merge"), "the highlighted checkpoint, into a full model"),
+            ("Chat with checkpoint", partial(act, "files", "chat"), "the highlighted checkpoint beside its base"),
+            ("Keys of this screen", app.action_help, "every key (?)"),
         ]
-        for name, callback, help_text in entries:
-            score = matcher.match(name)
-            if score > 0:
+        return out
+
+    async def discover(self) -> Hits:
+        for name, callback, help_text in self.entries():
+            yield DiscoveryHit(name, callback, help=help_text)
+        for name, help_text, callback, discover in self.app.get_system_commands(self.screen):
+            if discover:
+                yield DiscoveryHit(name, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, callback, help_text in self.entries():
+            if (score := matcher.match(name)) > 0:
                 yield Hit(score, matcher.highlight(name), callback, help=help_text)
+        for name, help_text, callback, *_ in self.app.get_system_commands(self.screen):
+            if (score := matcher.match(name)) > 0:          # Textual's own after tunedeck's
+                yield Hit(score / 2, matcher.highlight(name), callback, help=help_text)
 
 
 class TunedeckApp(App):
     CSS_PATH = Path(__file__).parent / "app.tcss"   # absolute: subclasses elsewhere find it too
     TITLE = "tunedeck"
-    COMMANDS = App.COMMANDS | {TunedeckCommands}
+    COMMANDS = {TunedeckCommands}
     # One keyboard model: screen keys (digits, letters) act only outside text fields, where a field
     # would otherwise take them as typing; escape always leaves a field; keys that must work inside
     # fields are ctrl or function keys. Configs and Chat send letters typed outside a field to their
     # filter / prompt, so typing "qwen" filters and never quits.
     BINDINGS = [
-        Binding("1", "show('configs')", "Configs", key_display="1-6", show=True),
+        Binding("1", "show('configs')", "Screens", key_display="1-6", show=True),
         Binding("2", "show('editor')", "Editor", show=False),
         Binding("3", "show('runs')", "Runs", show=False),
         Binding("4", "show('chat')", "Chat", show=False),
@@ -156,6 +176,20 @@ class TunedeckApp(App):
                 with TabPane(label, id=tab):
                     yield Deferred(tab, self.workspace, *((self.service,) if tab == "chat" else ()))
         yield KeyFooter()
+        yield Static("", id="too-small")
+
+    MIN_SIZE = (80, 24)
+
+    def on_resize(self, event) -> None:
+        """Below 80x24 one clear notice instead of text stacked a character a line."""
+        w, h = event.size
+        small = w < self.MIN_SIZE[0] or h < self.MIN_SIZE[1]
+        for note in self.query("#too-small"):
+            note.update(f"The terminal is {w}×{h}; tunedeck needs at least {self.MIN_SIZE[0]}×{self.MIN_SIZE[1]}.\n"
+                        "Make the window larger (or the font smaller). ctrl+q quits.")
+            note.display = small
+        for tabs in self.query("#tabs"):
+            tabs.display = not small
 
     def on_mount(self) -> None:
         self.call_after_refresh(self._build_visible)
@@ -248,8 +282,10 @@ class TunedeckApp(App):
                 continue
             if action.startswith("quit_app") and tab in self.TYPING_TABS:
                 continue
-            rows.append((b.key if action.startswith("show(") else self.get_key_display(b),
-                         f"the {b.description} screen" if action.startswith("show(") else b.description))
+            if action.startswith("show("):
+                rows.append((b.key, f"the {dict(TABS)[action[6:-2]]} screen"))
+            else:
+                rows.append((self.get_key_display(b), b.description))
         rows += PANE_KEYS.get(tab, [])
         rows += [("tab / shift+tab", "next / previous field or list"), ("esc", "leave a text field"),
                  ("ctrl+p", "command palette: every action"), ("ctrl+q", "quit")]
@@ -284,7 +320,8 @@ class TunedeckApp(App):
 
     async def run_pane_action(self, tab: str, action: str) -> None:
         self.action_show(tab)
-        result = getattr(await self.pane(tab), f"action_{action}")()
+        pane = await self.pane(tab)
+        result = (getattr(pane, f"action_{action}", None) or getattr(pane, action))()
         if asyncio.iscoroutine(result):
             await result
 

@@ -138,7 +138,9 @@ class ServiceClient:
         """Stop the service this app started, unless the user chose to keep it (then the next app in this
         workspace finds it through work_dirs/service.json)."""
         if self.keep and self.started_here():
-            self.record.write_text(json.dumps({"url": self.url, "pid": self.proc.pid, "base": self.base}))
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            self.record.write_text(json.dumps({"url": self.url, "pid": getattr(self.proc, "pid", None),
+                                               "base": self.base}))
             self.proc = None
             return
         if self.started_here():

@@ -373,6 +373,8 @@ class RecipeDocument:
         section, name = resolve_key(key).split(".")
         if section in self.data and name in (self.data[section] or {}):
             del self.data[section][name]
+            if not self.data[section]:        # a section emptied by it goes too (no `llava: {}` left behind)
+                del self.data[section]
 
     def validate(self) -> Recipe:
         return validate(self.data, str(self.path or "config"))

@@ -164,7 +164,7 @@ class ChatPane(Vertical):
         with Horizontal(id="chat-sides"):
             yield Transcript("base", id="chat-left")
             yield Transcript("fine-tuned", id="chat-right")
-        yield Input(placeholder="ask both… (enter sends)", id="chat-input")
+        yield Input(placeholder="ask both… (enter sends)", id="chat-input", select_on_focus=False)
 
     def on_key(self, event: events.Key) -> None:
         type_into(self, event, "#chat-input")     # a question typed anywhere on the screen goes to the prompt

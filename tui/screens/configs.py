@@ -28,7 +28,8 @@ class ConfigsPane(Vertical):
         self.selected: Path | None = None
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="type to filter recipes (/), esc to the tree…", id="cfg-filter", compact=True)
+        yield Input(placeholder="type to filter recipes (/), esc to the tree…", id="cfg-filter", compact=True,
+                    select_on_focus=False)
         with Horizontal():
             tree: Tree[Path] = Tree("recipes", id="cfg-tree")
             tree.show_root = False

@@ -16,6 +16,7 @@ from textual.widgets import Button, Input, Label, Select, Static, Switch
 from engine.core.errors import UserError
 from engine.data.identity import DEFAULT_ANSWER, identity_records, write_identity
 
+from ..dialogs import ConfirmDialog
 from ..widgets.select import chosen
 from ..workspace import run_engine, workspace_configs
 
@@ -40,23 +41,24 @@ class DataPane(Horizontal):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="wizard"):
-            yield Label("[b]Identity dataset[/b] (what the tutorial's generate_data.py writes)")
+            yield Label("[b]Identity dataset[/b]")
+            yield Label("[dim]the tutorial's generate_data.py: one question, the answer naming you[/dim]")
             yield Label("whose assistant")
-            yield Input(placeholder="your name", id="id-name")
+            yield Input(placeholder="your name", id="id-name", compact=True)
             yield Label("repetitions (n+1 records)")
-            yield Input("10000", id="id-n", type="integer")
+            yield Input("10000", id="id-n", type="integer", compact=True)
             yield Label("answer ({name} is replaced)")
-            yield Input(DEFAULT_ANSWER, id="id-answer")
+            yield Input(DEFAULT_ANSWER, id="id-answer", compact=True)
             with Horizontal(classes="field-input"):
                 yield Switch(True, id="id-varied")
-                yield Label(" vary the question (你是谁, Who are you? …)")
-            yield Label("write to")
-            yield Input("data/personal_assistant.json", id="id-out")
-            yield Button("Generate", variant="primary", id="id-generate")
+                yield Label(" vary the question")
+            yield Label("write to (in the workspace)")
+            yield Input("data/personal_assistant.json", id="id-out", compact=True)
+            yield Button("Generate", variant="primary", id="id-generate", compact=True)
         with Vertical(id="dataset"):
-            with Horizontal(classes="buttons"):
-                yield Select([], prompt="recipe whose data to check", id="ds-config")
-                yield Button("Check", id="ds-check")
+            with Horizontal(id="ds-row"):
+                yield Select([], prompt="recipe whose data to check", id="ds-config", compact=True)
+                yield Button("Check", id="ds-check", compact=True)
             with VerticalScroll(id="ds-box"):
                 yield Static("", id="ds-view")
 
@@ -70,16 +72,39 @@ class DataPane(Horizontal):
     @on(Button.Pressed, "#id-generate")
     def generate(self) -> None:
         name = self.query_one("#id-name", Input).value.strip()
+        where = self.query_one("#id-out", Input).value.strip()
         try:
             n = int(self.query_one("#id-n", Input).value or "0")
             recs = identity_records(name, n, self.query_one("#id-answer", Input).value,
                                     self.query_one("#id-varied", Switch).value)
-            out = self.workspace / self.query_one("#id-out", Input).value.strip()
-            write_identity(out, recs)
-        except (UserError, ValueError) as e:
-            self.app.notify(str(e), severity="error")
+        except ValueError:
+            self.app.notify(f"repetitions: {self.query_one('#id-n', Input).value!r} is not a whole number",
+                            severity="error")
             return
-        self.app.notify(f"wrote {len(recs)} records to {out.relative_to(self.workspace)}")
+        except UserError as e:
+            self.app.notify(str(e).replace("--name", "whose assistant").replace("--n", "repetitions")
+                            .replace("--answer", "answer"), severity="error")
+            return
+        out = (self.workspace / where).resolve()
+        if not where or self.workspace.resolve() not in out.parents:
+            self.app.notify(f"write to: {where!r} is not a file in the workspace", severity="error")
+            return
+
+        def write(overwrite: bool | None = False) -> None:
+            if overwrite is None:
+                return
+            try:
+                write_identity(out, recs, overwrite=bool(overwrite))
+            except (UserError, OSError) as e:
+                self.app.notify(str(e), severity="error")
+                return
+            self.app.notify(f"wrote {len(recs)} records to {out.relative_to(self.workspace.resolve())}")
+
+        if out.exists():
+            self.app.push_screen(ConfirmDialog(f"{where} exists. Overwrite it with {len(recs)} records?",
+                                               yes="Overwrite"), lambda yes: write(True) if yes else None)
+        else:
+            write()
 
     @on(Button.Pressed, "#ds-check")
     def check(self) -> None:

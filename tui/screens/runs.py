@@ -304,6 +304,7 @@ class RunsPane(Vertical):
         if signature == getattr(self, "_signature", None):
             return
         self._signature = signature
+        self._announce(summaries)
         keep = table.cursor_row
         table.clear()
         self.rows = [r.path for r in runs]
@@ -314,6 +315,23 @@ class RunsPane(Vertical):
                           f"{s['step']}/{s['total_steps'] or '?'}", loss, eta, key=str(r.path))
         if self.rows:
             table.move_cursor(row=min(max(keep, 0), len(self.rows) - 1))
+
+    _states: dict[str, str] | None = None
+
+    def _announce(self, summaries: list[dict]) -> None:
+        """A toast and the terminal bell when a run ends, whichever screen is showing."""
+        states = {s["run"]: s["state"] for s in summaries}
+        if self._states is not None:
+            for run, state in states.items():
+                was = self._states.get(run)
+                if was in ("running", "starting") and state in ("finished", "failed", "stopped"):
+                    s = next(x for x in summaries if x["run"] == run)
+                    detail = f": {s['error']}" if state == "failed" and s.get("error") else \
+                        f" at step {s['step']}/{s['total_steps'] or '?'}"
+                    self.app.notify(f"{Path(run).name} {state}{detail}", title=f"run {state}",
+                                    severity="error" if state == "failed" else "information", timeout=10)
+                    self.app.bell()
+        self._states = states
 
     def tick(self) -> None:
         if not self.is_attached:

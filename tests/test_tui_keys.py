@@ -1,0 +1,272 @@
+"""The app as a person drives it at 80x24: keys pressed, not widget values set. One test per defect a
+user met: letters typed on a tree, digits after switching screens, q while typing, escape, the blank
+footer, `?`, quitting with a service running, names that leave the workspace, stale chat answers,
+defaults that grow the file, unsaved edits, a too-small terminal, runs that end unseen, the palette."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_RECIPE
+from test_tui import built, wait_for
+
+from engine.recipe.catalogue import COPIED_FROM
+
+SIZE = (80, 24)
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text(f"{COPIED_FROM}demo_tiny_qlora_self\n" + DEMO_RECIPE.read_text())
+    (tmp_path / "configs" / "other.yaml").write_text(DEMO_RECIPE.read_text())
+    return tmp_path
+
+
+def app_for(ws: Path):
+    from tui.app import TunedeckApp
+
+    return TunedeckApp(ws)
+
+
+def active(app) -> str:
+    return app.query_one("#tabs").active
+
+
+async def test_letters_typed_on_the_configs_tree_filter_and_never_quit(ws):
+    from textual.widgets import Input, Tree
+
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        assert isinstance(app.focused, Tree)
+        await pilot.press(*"qwen")                        # q of qwen: not quit
+        await pilot.pause()
+        assert app.is_running and app.query_one("#cfg-filter", Input).value == "qwen"
+        tree = app.query_one("#cfg-tree", Tree)
+        families = [str(n.label) for n in tree.root.children[1:]]
+        assert families == ["qwen2_5"]
+        await pilot.press("escape")                       # back to the tree, the filter kept
+        assert isinstance(app.focused, Tree)
+        app.query_one("#cfg-filter", Input).value = ""
+        await pilot.press(*"internlm2")                   # the 2 of internlm2 is typed, not the Editor
+        await pilot.pause()
+        assert active(app) == "configs" and app.query_one("#cfg-filter", Input).value == "internlm2"
+
+
+async def test_digits_after_switching_screens_switch_again_instead_of_typing(ws):
+    from textual.widgets import Input
+
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        for key, tab in (("2", "editor"), ("4", "chat"), ("6", "data"), ("3", "runs"), ("4", "chat"),
+                         ("1", "configs")):
+            await pilot.press(key)
+            await pilot.pause()
+            assert active(app) == tab
+        assert all(not w.value or w.value in ("0", "128", "10000", "data/personal_assistant.json")
+                   or w.id == "id-answer" for w in app.query(Input))        # no digit ended up in a field
+        assert app.query_one("#id-name", Input).value == ""
+
+
+async def test_escape_leaves_a_field_and_the_footer_never_goes_blank(ws):
+    from textual.widgets import Input
+
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        await pilot.press("6")
+        await pilot.pause()
+        app.query_one("#id-name", Input).focus()
+        await pilot.pause()
+        shown = [b.description for _, b, enabled, _ in app.screen.active_bindings.values() if b.show and enabled]
+        assert "Leave field" in shown                     # the footer says how out, while typing
+        await pilot.press(*"Ada", "escape")
+        await pilot.pause()
+        assert app.query_one("#id-name", Input).value == "Ada" and not isinstance(app.focused, Input)
+        await pilot.press("3")                            # and a digit switches screens again
+        await pilot.pause()
+        assert active(app) == "runs"
+
+
+async def test_question_mark_lists_the_screens_keys(ws):
+    from textual.widgets import DataTable
+
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        await pilot.press("3", "?")
+        await wait_for(pilot, lambda: app.screen.query("#keys-table"), 10, "the keys screen")
+        table = app.screen.query_one("#keys-table", DataTable)
+        rows = [tuple(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]
+        keys = {k for k, _ in rows}
+        assert {"n", "s", "r", "d", "p", "q", "?", "ctrl+q"} <= keys and ("3", "the Runs screen") in rows
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not app.screen.query("#keys-table")
+
+
+async def test_quitting_with_a_service_the_app_started_asks(ws, monkeypatch):
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        monkeypatch.setattr(app.service, "started_here", lambda: True)
+        monkeypatch.setattr(app.service, "describe", lambda: "the inference service for tiny at :8000")
+        await pilot.press("3", "q")
+        await wait_for(pilot, lambda: app.screen.query("#keep"), 10, "the quit question")
+        await pilot.press("escape")                       # stay
+        await pilot.pause()
+        assert app.is_running
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.screen.query("#keep"), 10, "the quit question")
+        await pilot.click("#keep")
+        await pilot.pause()
+    assert app.service.keep                               # the service is left running
+
+
+async def test_the_copy_dialog_keeps_names_inside_the_workspace(ws):
+    from textual.widgets import Input, Tree
+
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        tree = app.query_one("#cfg-tree", Tree)
+        mine = next(n for n in tree.root.children[0].children if str(n.label) == "mine")
+        tree.move_cursor(mine)
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.screen.query("#new-name"), 10, "the copy dialog")
+        app.screen.query_one("#new-name", Input).value = ""
+        await pilot.press(*"../../evil name", "enter")
+        await pilot.pause(0.3)
+    assert not (ws.parent / "evil name.yaml").exists() and not list(ws.parent.glob("evil*"))
+    assert sorted(p.name for p in (ws / "configs").iterdir()) == ["mine.yaml", "other.yaml"]
+
+
+async def test_a_default_value_adds_no_key_and_unsaved_edits_are_never_dropped(ws):
+    from textual.widgets import Input
+
+    from tui.messages import EditConfig
+
+    before = (ws / "configs" / "mine.yaml").read_text()
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        app.post_message(EditConfig(ws / "configs" / "mine.yaml"))
+        await wait_for(pilot, lambda: app.query("#f-train--lr") and active(app) == "editor", 30, "the editor")
+        await pilot.pause(0.5)
+        alpha = app.query_one("#f-llava--visual_encoder_lora_alpha", Input)
+        alpha.value = "32"
+        await pilot.pause()
+        assert "modified" in str(app.query_one("#ed-title").render())
+        alpha.value = "16"                                # back to its default
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.3)
+        assert (ws / "configs" / "mine.yaml").read_text() == before          # no llava key appended
+        assert "modified" not in str(app.query_one("#ed-title").render())
+        app.query_one("#f-train--lr", Input).value = "1e-5"
+        await pilot.pause()
+        app.post_message(EditConfig(ws / "configs" / "other.yaml"))     # another recipe, edits unsaved
+        await wait_for(pilot, lambda: app.screen.query("#yes"), 10, "the unsaved-changes question")
+        await pilot.press("escape")                       # keep them
+        await pilot.pause()
+        assert app.query_one("#f-train--lr", Input).value == "1e-5"
+        assert "mine.yaml" in str(app.query_one("#ed-title").render())
+
+
+async def test_a_terminal_below_80x24_says_so(ws):
+    app = app_for(ws)
+    async with app.run_test(size=(60, 20)) as pilot:
+        await built(pilot)
+        note = app.query_one("#too-small")
+        assert note.display and "60×20" in str(note.render()) and "80×24" in str(note.render())
+        assert not app.query_one("#tabs").display
+
+
+async def test_a_run_that_ends_is_announced_on_any_screen(ws, monkeypatch):
+    run = ws / "work_dirs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(DEMO_RECIPE.read_text())
+    status = {"state": "running", "pid": 1, "step": 3, "total_steps": 10}
+    (run / "status.json").write_text(json.dumps(status))
+    app = app_for(ws)
+    notes, bells = [], []
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        monkeypatch.setattr(app, "notify", lambda msg, **kw: notes.append((msg, kw.get("severity"))))
+        monkeypatch.setattr(app, "bell", lambda: bells.append(1))
+        pane = await app.pane("runs")
+        pane.tick()
+        await pilot.press("5")                           # the user is elsewhere
+        (run / "status.json").write_text(json.dumps({**status, "state": "failed", "error": "CUDA out of memory"}))
+        pane.tick()
+        await pilot.pause()
+    assert ("r1 failed: CUDA out of memory", "error") in notes and bells
+
+
+async def test_changing_the_checkpoint_clears_both_sides(ws):
+    from textual.widgets import Select
+
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        pane = await app.pane("chat")
+        for side in ("#chat-left", "#chat-right"):
+            t = pane.query_one(side)
+            t.ask("who are you?")
+            t.piece("the old model's answer")
+            t.done("who are you?")
+        sel = pane.query_one("#chat-ckpt", Select)
+        sel.set_options([("run-checkpoint-4", str(ws / "nowhere"))])
+        sel.value = str(ws / "nowhere")
+        await pilot.pause(0.3)
+        assert all("old model" not in str(pane.query_one(s).text) and not pane.query_one(s).history
+                   for s in ("#chat-left", "#chat-right"))
+
+
+async def test_the_palette_lists_tunedecks_actions_first(ws):
+    from textual.command import CommandList
+
+    app = app_for(ws)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await built(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.5)
+        options = app.screen.query_one(CommandList)
+        names = [str(options.get_option_at_index(i).prompt).split("\n")[0] for i in range(options.option_count)]
+        assert names[0] == "Show Configs"
+        for wanted in ("Save recipe as", "Merge checkpoint", "Check a recipe's data", "Archive or delete run"):
+            assert wanted in names
+        tunedeck = max(names.index(n) for n in names if n.startswith(("Show ", "Keys of")))
+        assert all(names.index(n) > tunedeck for n in ("Quit", "Keys") if n in names)   # Textual's after ours
+
+
+async def test_the_data_wizard_confines_its_file_and_asks_before_overwriting(ws):
+    from textual.widgets import Input
+
+    app = app_for(ws)
+    notes = []
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        app.notify = lambda msg, **kw: notes.append(msg)
+        await pilot.press("6")
+        app.query_one("#id-name", Input).value = "Ada"
+        app.query_one("#id-n", Input).value = "3"
+        app.query_one("#id-out", Input).value = "../outside.json"
+        await pilot.click("#id-generate")
+        await pilot.pause()
+        assert not (ws.parent / "outside.json").exists() and "not a file in the workspace" in notes[-1]
+        (ws / "data").mkdir()
+        (ws / "data" / "mine.json").write_text("[]")
+        app.query_one("#id-out", Input).value = "data/mine.json"
+        await pilot.pause(0.3)                            # a button takes no second press within 0.2 s
+        await pilot.click("#id-generate")
+        await wait_for(pilot, lambda: app.screen.query("#yes"), 10, "the overwrite question")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert (ws / "data" / "mine.json").read_text() == "[]"                # not without asking
+        assert not any("--force" in n or "-o" in n for n in notes)
+
