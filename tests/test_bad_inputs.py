@@ -93,8 +93,8 @@ def test_a_torn_last_metrics_line_does_not_block_resume(workspace):
                    "--set", "evaluation_inputs=[]") == 0
     metrics = workspace / "t" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 5, "lo')            # a kill in the middle of a line
-    assert run_cli("train", "demo.yaml", "--work-dir", "t", "--resume", "t/checkpoint-2", "--set", "max_steps=4",
-                   "--set", "save_steps=2", "--set", "evaluation_inputs=[]") == 0
+    assert run_cli("train", "demo.yaml", "--work-dir", "t", "--resume", "t/checkpoint-2", "--force",  # -4 replaced
+                   "--set", "max_steps=4", "--set", "save_steps=2", "--set", "evaluation_inputs=[]") == 0
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 

@@ -269,13 +269,14 @@ async def test_tui_compares_pre_and_post_finetune_about_an_image(llava_ws):
         app.query_one("#chat-image", Input).value = f"data/shapes/images/{item['image']}"
         await pilot.pause(0.3)
         assert "▀" in str(app.query_one("#chat-image-view").render())      # the image, in half blocks
+        app.query_one("#chat-input", Input).focus()
         app.query_one("#chat-input", Input).value = "What colour is the shape?"
         await pilot.press("enter")
         right, left = app.query_one("#chat-right"), app.query_one("#chat-left")
         await wait_for(pilot, lambda: len(right.history) == 2 and len(left.history) == 2, 60, "both answers")
         assert right.history[1]["content"].strip() == item["colour"]
         assert left.history[1]["content"].strip() != item["colour"]      # pre-finetune: a caption
-        assert left.query_one(".side-title").render().plain.startswith("pre-finetune")
+        assert str(left.border_title).startswith("pre-finetune")
 
 
 def test_data_check_counts_images_and_their_positions(llava_ws, capsys):

@@ -1,6 +1,7 @@
 """How each screen looks (pytest-textual-snapshot): a fixed workspace with a recipe, a finished
-run and a dataset, rendered at 80x24 (the smallest supported terminal) and 120x36. `pytest tests/test_snapshots.py --snapshot-update` after
-an intended change, then look at the SVGs under tests/__snapshots__/."""
+run and a dataset, rendered at 80x24 (the smallest supported terminal) and 120x36.
+`pytest tests/test_snapshots.py --snapshot-update` after an intended change, then look at the SVGs
+under tests/__snapshots__/."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ Runs screen, capture-pane shows the run list."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,3 +48,130 @@ def test_tunedeck_in_tmux_shows_the_run_list(snapshot_workspace):  # noqa: F811
         assert not alive                                   # q quits the app and the session ends
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+class Terminal:
+    """`tunedeck` in a real terminal (tmux) at 80x24, driven by keys as a person types them."""
+
+    def __init__(self, cwd: Path, size=(80, 24)):
+        self.cwd, self.size = cwd, size
+        self.session = f"tunedeck-journey-{os.getpid()}"
+
+    def open(self) -> None:
+        exe = Path(sys.executable).with_name("tunedeck")
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x", str(self.size[0]), "-y",
+                        str(self.size[1]), f"cd {self.cwd} && TERM=xterm-256color {exe}"], check=True)
+        self.wait_for("▼ workspace (")                  # the Configs screen built, not only the tab bar
+
+    def keys(self, *keys: str) -> None:
+        for k in keys:
+            subprocess.run(["tmux", "send-keys", "-t", self.session, k], check=True)
+            time.sleep(0.3)
+
+    def type(self, text: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.session, "-l", text], check=True)
+        time.sleep(0.4)
+
+    def screen(self) -> str:
+        return capture(self.session)
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in (screen := self.screen()):
+                return screen
+            time.sleep(0.3)
+        raise AssertionError(f"{text!r} never showed; the screen:\n{self.screen()}")
+
+    def alive(self) -> bool:
+        return subprocess.run(["tmux", "has-session", "-t", self.session], capture_output=True).returncode == 0
+
+    def wait_closed(self, timeout: float = 20) -> None:
+        deadline = time.time() + timeout
+        while self.alive() and time.time() < deadline:
+            time.sleep(0.3)
+        assert not self.alive()
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
+
+
+def test_a_journey_at_80x24_copy_edit_train_quit_reopen_merge_chat(workspace):
+    """Copy a recipe, change its lr through the form, start it, quit while it trains, reopen, merge a
+    checkpoint and chat with it beside the base model, quit (stopping the service the app started):
+    every step by keys at 80x24, every step checked on the captured screen and on disk."""
+    from conftest import DEMO_RECIPE
+
+    (workspace / "configs").mkdir()
+    (workspace / "configs" / "quick.yaml").write_text(
+        DEMO_RECIPE.read_text().replace("  max_epochs: 3", "  max_epochs: 3\n  max_steps: 8")
+        .replace("save_steps: 20", "save_steps: 4").replace("evaluation_freq: 20", "evaluation_freq: 0"))
+    t = Terminal(workspace)
+    try:
+        t.open()
+        t.type("quick")                                  # letters on the tree filter it
+        t.keys("Escape", "F5")                           # back on the tree (on a recipe), copy it
+        t.wait_for("into the workspace as")
+        t.type("mine")
+        t.keys("Enter")
+        t.wait_for("copied to configs/mine.yaml")
+        t.keys("Enter")                                  # edit it
+        t.wait_for("▼ model")                            # the form, in sections
+        t.wait_for(" valid")
+        time.sleep(1)
+        t.keys("/")
+        t.type("lr")
+        t.keys("Enter")                                  # the lr field, its value selected
+        t.type("5e-3")
+        t.wait_for("modified")
+        t.keys("Escape", "C-s")
+        t.wait_for("saved mine.yaml")
+        from engine.recipe.schema import RecipeDocument
+
+        assert float(RecipeDocument.load(workspace / "configs" / "mine.yaml").get("train.lr")) == 5e-3
+        t.keys("3")
+        t.wait_for("Start (n)")
+        t.keys("n")                                      # the recipe just saved is the one to start
+        t.wait_for("mine  running", 90)
+        t.keys("q")                                      # quitting never stops a run
+        t.wait_closed()
+        run = workspace / "work_dirs" / "mine"
+        deadline = time.time() + 120
+        while json.loads((run / "status.json").read_text()).get("state") != "finished" and time.time() < deadline:
+            time.sleep(0.5)
+        assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+        t.open()                                         # reopened: the whole history is there
+        t.keys("3")
+        screen = t.wait_for("mine  finished")
+        assert "8/8" in screen, [ln for ln in screen.splitlines() if "mine" in ln or "step" in ln]
+        t.keys("5")
+        t.wait_for("work_dirs")
+        time.sleep(0.5)
+        t.keys("Down", "Down", "Down", "Down", "Enter", "Down", "Enter", "Down")   # work_dirs/mine/checkpoint-4
+        t.wait_for("checkpoint checkpoint-4")
+        t.keys("C-p")
+        t.type("merge checkpoint")
+        t.keys("Enter")
+        t.wait_for("write the model to")
+        t.keys("Enter")                                  # the offered folder, inside the workspace
+        t.wait_for("merged into", 120)
+        assert (workspace / "merged" / "mine-checkpoint-4" / "config.json").is_file()
+        t.keys("C-p")
+        t.type("chat with checkpoint")
+        t.keys("Enter")
+        t.wait_for("ready:", 120)
+        t.type("who are you")                            # typed anywhere on Chat: the prompt
+        t.keys("Enter")
+        deadline = time.time() + 120
+        while t.screen().count("first token") < 2 and time.time() < deadline:     # both sides answered
+            time.sleep(0.3)
+        screen = t.screen()
+        assert screen.count("first token") == 2 and "mine-checkpoint-4" in screen and "base · " in screen
+        t.keys("Escape", "C-q")                          # the app started a service: it asks
+        t.wait_for("Keep it and quit")
+        t.keys("Tab", "Enter")                           # Stop it and quit
+        t.wait_closed()
+        assert not (workspace / "work_dirs" / "service.json").exists()
+    finally:
+        t.close()

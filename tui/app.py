@@ -331,7 +331,9 @@ class TunedeckApp(App):
 
     async def on_configs_changed(self, message: ConfigsChanged) -> None:
         (await self.pane("configs")).refresh_tree(select=message.path)
-        for pane in self.query("#runs-pane, #data-pane"):
+        for pane in self.query("#runs-pane"):
+            pane.refresh_configs(select=message.path)
+        for pane in self.query("#data-pane"):
             pane.refresh_configs()
 
     async def on_chat_with(self, message: ChatWith) -> None:

@@ -44,7 +44,8 @@ class ServiceClient:
         return self.proc is not None and self.proc.poll() is None
 
     def describe(self) -> str:
-        return f"the inference service for {self.base or '?'} at {self.url} (pid {self.proc.pid if self.proc else '?'})"
+        name = Path(self.base).name if self.base else "?"
+        return f"the inference service for {name} at {self.url} (pid {self.proc.pid if self.proc else '?'})"
 
     @property
     def headers(self) -> dict[str, str]:

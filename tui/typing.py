@@ -18,10 +18,13 @@ def in_field(widget: Widget | None) -> bool:
 def type_into(pane: Widget, event: events.Key, selector: str) -> bool:
     """Send a printable letter typed on ``pane`` outside any field to the Input ``selector``."""
     ch = event.character
-    if not ch or len(ch) != 1 or not ch.isprintable() or ch in SCREEN_KEYS or in_field(pane.app.focused):
-        return False
     target = pane.query_one(selector, Input)
-    target.focus()
+    # a key that reaches the pane came from outside any field (a field keeps what it types); keys queued
+    # behind the first letter still reach the pane after focus has moved to the field: they are typed too
+    typing = pane.app.focused is target
+    if not ch or len(ch) != 1 or not ch.isprintable() or (ch in SCREEN_KEYS and not typing):
+        return False
+    pane.screen.set_focus(target)
     target.insert_text_at_cursor(ch)
     event.stop()
     event.prevent_default()

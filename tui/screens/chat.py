@@ -75,8 +75,10 @@ class Transcript(VerticalScroll):
         self.current = ""
 
     def compose(self) -> ComposeResult:
-        yield Static(Text(self.title, style="bold cyan"), classes="side-title")
         yield Static("", classes="side-body")
+
+    def on_mount(self) -> None:
+        self._show_title()
 
     def set_title(self, title: str) -> None:
         self.title = title
@@ -88,8 +90,9 @@ class Transcript(VerticalScroll):
         self._show_title()
 
     def _show_title(self) -> None:
-        self.query_one(".side-title", Static).update(
-            Text.assemble((self.title, "bold cyan"), (f"  {self.stats}" if getattr(self, "stats", "") else "", "dim")))
+        # in the border, so they stay in view however long the answers grow
+        self.border_title = self.title
+        self.border_subtitle = getattr(self, "stats", "")
 
     def _redraw(self) -> None:
         body = self.text.copy()

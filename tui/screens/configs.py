@@ -51,16 +51,31 @@ class ConfigsPane(Vertical):
         tree.clear()
         mine = [p for p in workspace_configs(self.workspace) if pattern.lower() in p.stem.lower()]
         ws = tree.root.add(f"workspace ({self.workspace.name})", expand=True)
+        first = None
         for p in mine:
             node = ws.add_leaf(p.stem, data=p)
+            first = first or node
             if select is not None and p == select:
-                tree.move_cursor(node)
+                first = node
         families: dict[str, object] = {}
         for e in catalogue.list_cfg(pattern or None):
             fam = families.get(e.family)
             if fam is None:
                 fam = families[e.family] = tree.root.add(e.family, expand=bool(pattern) or e.family == "demo")
-            fam.add_leaf(e.name, data=e.path)
+            leaf = fam.add_leaf(e.name, data=e.path)
+            first = first or leaf
+        # the cursor on a recipe, never on a heading (so F5 / enter act on it); once the tree has laid out
+        # its lines, and only for the newest refresh, unless someone has put it on a recipe meanwhile
+        self._generation = getattr(self, "_generation", 0) + 1
+        generation = self._generation
+
+        def place() -> None:
+            node = tree.cursor_node
+            if first is not None and generation == self._generation and (
+                    select is not None or node is None or node.data is None):
+                tree.move_cursor(first)
+
+        self.call_after_refresh(place)
 
     @on(Input.Changed, "#cfg-filter")
     def filter_changed(self, event: Input.Changed) -> None:
@@ -84,7 +99,7 @@ class ConfigsPane(Vertical):
     @on(Tree.NodeSelected, "#cfg-tree")
     def selected_node(self, event: Tree.NodeSelected) -> None:
         if event.node.data is not None:
-            self.action_edit()
+            self.action_edit(event.node.data)
 
     def is_builtin(self, path: Path) -> bool:
         return catalogue.CONFIG_ROOT in path.resolve().parents
@@ -92,9 +107,15 @@ class ConfigsPane(Vertical):
     def action_focus_filter(self) -> None:
         self.query_one("#cfg-filter", Input).focus()
 
+    def _current(self) -> Path | None:
+        """The recipe under the tree's cursor (what F5 / enter act on)."""
+        node = self.query_one("#cfg-tree", Tree).cursor_node
+        self.selected = node.data if node is not None and node.data is not None else None
+        return self.selected
+
     @on(Button.Pressed, "#cfg-copy")
     def action_copy(self) -> None:
-        if self.selected is None:
+        if self._current() is None:
             self.app.notify("pick a recipe first", severity="warning")
             return
         source = Path(self.selected).stem
@@ -127,10 +148,15 @@ class ConfigsPane(Vertical):
         return target
 
     @on(Button.Pressed, "#cfg-edit")
-    def action_edit(self) -> None:
-        if self.selected is None:
+    def edit_pressed(self) -> None:
+        self.action_edit()
+
+    def action_edit(self, path: Path | None = None) -> None:
+        node = self.query_one("#cfg-tree", Tree).cursor_node
+        path = path or (node.data if node is not None and node.data is not None else None) or self.selected
+        if path is None:
             return
-        if self.is_builtin(Path(self.selected)):
-            self.app.notify("built-in recipes are read-only: copy it into the workspace first (c)")
+        if self.is_builtin(Path(path)):
+            self.app.notify("built-in recipes are read-only: copy it into the workspace first (F5)")
             return
-        self.post_message(EditConfig(Path(self.selected)))
+        self.post_message(EditConfig(Path(path)))

@@ -131,6 +131,7 @@ class RunView(Vertical):
         self.evals: list[dict] = []
         self._last_state = None
         self.losses = []
+        self.last_metric = None
         self.query_one("#rv-log", Log).clear()
         self.query_one("#rv-plot", LossPlot).data = []
         self.query_one("#rv-evals", Static).update("")
@@ -157,13 +158,15 @@ class RunView(Vertical):
             self.losses += [m["loss"] for m in new]
             self.query_one("#rv-loss", Sparkline).data = list(self.losses)
             self.query_one("#rv-plot", LossPlot).data = self.losses
-            last = new[-1]
+            self.last_metric = new[-1]
+        last = getattr(self, "last_metric", None) if self.losses else None
+        if last is not None:          # every refresh: a run that has ended shows no ETA
             mem = f"{last['gpu_mem_gib']:.2f} GiB" if last.get("gpu_mem_gib") is not None else "-"
             self.query_one("#rv-numbers", Static).update(
                 f"step {step}/{total}  loss {last['loss']:.4f}  lr {last['lr']:.3g}  grad norm "
-                f"{last['grad_norm']:.3f}  {last.get('tokens_per_s') or 0:.0f} tok/s  mem {mem}  "
-                f"ETA {format_eta(st.get('eta_s')) if state == 'running' else '-'}")
-        elif not self.losses:
+                f"{last['grad_norm']:.3f}  {last.get('tokens_per_s') or 0:.0f} tok/s  mem {mem}"
+                + (f"  ETA {format_eta(st.get('eta_s'))}" if state == "running" else ""))
+        else:
             self.query_one("#rv-numbers", Static).update(f"step {step}/{total or '?'}")
         if self.tail is not None:
             lines = self.tail.read_new()
@@ -291,10 +294,16 @@ class RunsPane(Vertical):
                             [(f"GPU {g.index}", str(g.index)) for g in gpus])
             sel.value = everything
 
-    def refresh_configs(self) -> None:
+    def refresh_configs(self, select: Path | None = None) -> None:
+        """The workspace's recipes to start; the one just saved or copied is chosen."""
         sel = self.query_one("#start-config", Select)
+        keep = sel.value
         configs = workspace_configs(self.workspace)
         sel.set_options([(p.stem, str(p)) for p in configs])
+        for value in (str(select) if select else None, keep):
+            if value is not None and chosen(value) and any(str(p) == value for p in configs):
+                sel.value = value
+                break
 
     def refresh_runs(self) -> None:
         table = self.query_one("#runs-table", DataTable)
