@@ -270,3 +270,24 @@ async def test_the_data_wizard_confines_its_file_and_asks_before_overwriting(ws)
         assert (ws / "data" / "mine.json").read_text() == "[]"                # not without asking
         assert not any("--force" in n or "-o" in n for n in notes)
 
+
+
+async def test_at_80x24_the_run_log_keeps_eight_rows_and_pickers_stay_on_one_line(ws):
+    run = ws / "work_dirs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(DEMO_RECIPE.read_text())
+    (run / "status.json").write_text(json.dumps({"state": "finished", "pid": 1, "step": 3, "total_steps": 3}))
+    (run / "train.log").write_text("".join(f"line {i}\n" for i in range(40)))
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "line 39" in "".join(app.query_one("#rv-log").lines), 10, "the log")
+        assert app.query_one("#rv-log").content_region.height >= 8
+        for picker in ("#start-config", "#start-deepspeed"):
+            assert app.query_one(picker).region.height == 1
+        await pilot.press("4")
+        await pilot.pause()
+        for widget in ("#chat-ckpt", "#chat-temperature", "#chat-max-tokens", "#chat-input"):
+            assert app.query_one(widget).region.height == (3 if widget == "#chat-input" else 1)
+        assert app.query_one("#chat-left").region.height >= 6

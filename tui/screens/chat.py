@@ -150,7 +150,7 @@ class ChatPane(Vertical):
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-controls"):
-            yield Select([], prompt="fine-tuned checkpoint to compare", id="chat-ckpt", compact=True)
+            yield Select([], prompt="checkpoint to compare", id="chat-ckpt", compact=True)
             yield Label(" temperature ")
             yield Input("0", id="chat-temperature", type="number", compact=True)
             yield Label(" max tokens ")
