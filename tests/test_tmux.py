@@ -72,10 +72,13 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_merge_chat(workspace):
     every step by keys at 80x24, every step checked on the captured screen and on disk."""
     from conftest import DEMO_RECIPE
 
+    from engine.recipe.schema import RecipeDocument
+
     (workspace / "configs").mkdir()
-    (workspace / "configs" / "quick.yaml").write_text(
-        DEMO_RECIPE.read_text().replace("  max_epochs: 3", "  max_epochs: 3\n  max_steps: 8")
-        .replace("save_steps: 20", "save_steps: 4").replace("evaluation_freq: 20", "evaluation_freq: 0"))
+    doc = RecipeDocument.load(DEMO_RECIPE)
+    for key, value in (("max_steps", "8"), ("save_steps", "4"), ("evaluation_freq", "0"), ("evaluation_inputs", "[]")):
+        doc.set(key, value)
+    doc.save(workspace / "configs" / "quick.yaml")
     t = Terminal(workspace)
     try:
         t.open()
@@ -96,8 +99,6 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_merge_chat(workspace):
         t.wait_for("modified")
         t.keys("Escape", "C-s")
         t.wait_for("saved mine.yaml")
-        from engine.recipe.schema import RecipeDocument
-
         assert float(RecipeDocument.load(workspace / "configs" / "mine.yaml").get("train.lr")) == 5e-3
         t.keys("3")
         t.wait_for("Start (n)")

@@ -105,7 +105,7 @@ async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
 @pytest.fixture
 def run_workspace(workspace) -> Path:
     cfg = (REPO / "configs/demo/demo_tiny_qlora_self.yaml").read_text()
-    cfg = cfg.replace("  seed: 0\n", "  seed: 0\n  max_steps: 160\n").replace("save_steps: 20", "save_steps: 1000")
+    cfg = cfg.replace("  seed: 0\n", "  seed: 0\n  max_steps: 120\n").replace("save_steps: 20", "save_steps: 1000")
     cfg = cfg.replace("evaluation_freq: 20", "evaluation_freq: 100")
     (workspace / "configs").mkdir()
     (workspace / "configs" / "tiny.yaml").write_text(cfg)
@@ -214,7 +214,7 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus)
         await pilot.pause(0.8)
         assert len(app.query_one("#rv-loss", Sparkline).data) == total
         assert "finished" in str(app.query_one("#rv-title").render())
-        assert "step 160/160" in str(app.query_one("#rv-numbers").render())
+        assert "step 120/120" in str(app.query_one("#rv-numbers").render())
 
 
 @pytest.fixture
