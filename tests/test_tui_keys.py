@@ -116,13 +116,13 @@ async def test_quitting_with_a_service_the_app_started_asks(ws, monkeypatch):
         monkeypatch.setattr(app.service, "started_here", lambda: True)
         monkeypatch.setattr(app.service, "describe", lambda: "the inference service for tiny at :8000")
         await pilot.press("3", "q")
-        await wait_for(pilot, lambda: app.screen.query("#keep"), 10, "the quit question")
+        await wait_for(pilot, lambda: app.screen.query("#choice-keep"), 10, "the quit question")
         await pilot.press("escape")                       # stay
         await pilot.pause()
         assert app.is_running
         await pilot.press("q")
-        await wait_for(pilot, lambda: app.screen.query("#keep"), 10, "the quit question")
-        await pilot.click("#keep")
+        await wait_for(pilot, lambda: app.screen.query("#choice-keep"), 10, "the quit question")
+        await pilot.click("#choice-keep")
         await pilot.pause()
     assert app.service.keep                               # the service is left running
 

@@ -295,7 +295,7 @@ class TunedeckApp(App):
         if not self.service.started_here():
             self.exit()
             return
-        from .dialogs import QuitDialog
+        from .dialogs import ChoiceDialog
 
         def chosen(answer: str | None) -> None:
             if answer == "stop":
@@ -304,7 +304,9 @@ class TunedeckApp(App):
                 self.service.keep = True
                 self.exit()
 
-        self.push_screen(QuitDialog(self.service.describe()), chosen)
+        question = f"This app started {self.service.describe()}.\nTraining runs keep running whatever you choose."
+        answers = [("stop", "Stop it and quit"), ("keep", "Keep it and quit")]
+        self.push_screen(ChoiceDialog(question, answers, warning="stop"), chosen)
 
     async def action_pane(self, tab: str, action: str) -> None:
         await self.run_pane_action(tab, action)

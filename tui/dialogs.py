@@ -97,31 +97,6 @@ class ConfirmDialog(ModalScreen[bool]):
         self.dismiss(False)
 
 
-class QuitDialog(ModalScreen[str | None]):
-    """Quitting while a service this app started runs: stop it, keep it, or stay."""
-
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
-
-    def __init__(self, what: str):
-        super().__init__()
-        self.what = what
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(f"This app started {self.what}.\nTraining runs keep running whatever you choose.")
-            with Horizontal(classes="buttons"):
-                yield Button("Stop it and quit", variant="warning", id="stop")
-                yield Button("Keep it and quit", id="keep")
-                yield Button("Cancel", id="cancel")
-
-    def on_mount(self) -> None:
-        self.query_one("#cancel", Button).focus()
-
-    @on(Button.Pressed)
-    def pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(None if event.button.id == "cancel" else event.button.id)
-
-
 class KeysScreen(ModalScreen[None]):
     """`?`: every key of the current screen."""
 
@@ -147,17 +122,17 @@ class ChoiceDialog(ModalScreen[str | None]):
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, question: str, choices: list[tuple[str, str]]):
+    def __init__(self, question: str, choices: list[tuple[str, str]], warning: str | None = None):
         super().__init__()
         self.question, self.choices = question, choices
+        self.warning = warning if warning is not None else choices[-1][0]     # the answer that costs something
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label(self.question)
             with Horizontal(classes="buttons"):
-                last = len(self.choices) - 1
-                for i, (key, label) in enumerate(self.choices):
-                    yield Button(label, id=f"choice-{key}", variant="warning" if i == last else "default")
+                for key, label in self.choices:
+                    yield Button(label, id=f"choice-{key}", variant="warning" if key == self.warning else "default")
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:

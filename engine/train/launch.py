@@ -230,10 +230,9 @@ def _check_nothing_after(run_dir: Path, ckpt: Path, force: bool) -> None:
     saved after it: refused unless --force, so none is overwritten without asking."""
     from engine.train.runs import RunDirectory, checkpoint_step
 
-    step = checkpoint_step(ckpt)
-    if step is None or ckpt.resolve().parent != run_dir.resolve():
+    if checkpoint_step(ckpt) is None or ckpt.resolve().parent != run_dir.resolve():
         return
-    later = [c.name for c in RunDirectory(run_dir).checkpoints() if (checkpoint_step(c) or 0) > step]
+    later = [c.name for c in RunDirectory(run_dir).checkpoints_after(ckpt)]
     if later and not force:
         raise UserError(f"--resume {ckpt.name}: {', '.join(later)} came after it and would be replaced by training "
                         f"those steps again; resume from the latest, or pass --force to go on from {ckpt.name}")

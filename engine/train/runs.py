@@ -123,6 +123,11 @@ class RunDirectory:
         cps = [p for p in self.path.iterdir() if is_complete_checkpoint(p)]
         return sorted(cps, key=lambda p: checkpoint_step(p) or 0)
 
+    def checkpoints_after(self, ckpt: Path) -> list[Path]:
+        """Complete checkpoints of later steps than ``ckpt`` (what resuming from it would replace)."""
+        step = checkpoint_step(ckpt) or 0
+        return [c for c in self.checkpoints() if (checkpoint_step(c) or 0) > step]
+
     def latest_checkpoint(self) -> Path | None:
         cps = self.checkpoints()
         return cps[-1] if cps else None

@@ -108,26 +108,25 @@ class ConfigsPane(Vertical):
         self.query_one("#cfg-filter", Input).focus()
 
     def _current(self) -> Path | None:
-        """The recipe under the tree's cursor (what F5 / enter act on)."""
+        """The recipe under the tree's cursor (what F5 / F4 act on)."""
         node = self.query_one("#cfg-tree", Tree).cursor_node
-        self.selected = node.data if node is not None and node.data is not None else None
-        return self.selected
+        return node.data if node is not None else None
 
     @on(Button.Pressed, "#cfg-copy")
     def action_copy(self) -> None:
-        if self._current() is None:
+        src = self._current()
+        if src is None:
             self.app.notify("pick a recipe first", severity="warning")
             return
-        source = Path(self.selected).stem
+        src = Path(src)
 
         def done(name: str | None) -> None:
             if not name:
                 return
             try:
-                if self.is_builtin(Path(self.selected)):
-                    catalogue.recipe_stem(name, "name")          # the dialog's words, not --as
-                target = catalogue.copy_cfg(source, self.workspace / "configs", name) if self.is_builtin(
-                    Path(self.selected)) else self._copy_own(Path(self.selected), name)
+                stem = catalogue.recipe_stem(name, "name")          # the dialog's words, not --as
+                target = catalogue.copy_cfg(src.stem, self.workspace / "configs", stem) if self.is_builtin(src) \
+                    else self._copy_own(src, stem)
             except UserError as e:
                 self.app.notify(str(e), severity="error")
                 return
@@ -135,12 +134,12 @@ class ConfigsPane(Vertical):
             self.refresh_tree(select=target)
             self.post_message(ConfigsChanged(target))
 
-        dialog = NameDialog(f"Copy [b]{source}[/b] into the workspace as:",
-                            source.replace("_alpaca_", "_self_") + "_copy", ok="Copy", input_id="new-name")
+        dialog = NameDialog(f"Copy [b]{src.stem}[/b] into the workspace as:",
+                            src.stem.replace("_alpaca_", "_self_") + "_copy", ok="Copy", input_id="new-name")
         self.app.push_screen(dialog, done)
 
-    def _copy_own(self, src: Path, name: str) -> Path:
-        target = self.workspace / "configs" / f"{catalogue.recipe_stem(name, 'name')}.yaml"
+    def _copy_own(self, src: Path, stem: str) -> Path:
+        target = self.workspace / "configs" / f"{stem}.yaml"
         if target.exists():
             raise UserError(f"{target}: already exists; not overwritten")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +151,7 @@ class ConfigsPane(Vertical):
         self.action_edit()
 
     def action_edit(self, path: Path | None = None) -> None:
-        node = self.query_one("#cfg-tree", Tree).cursor_node
-        path = path or (node.data if node is not None and node.data is not None else None) or self.selected
+        path = path or self._current() or self.selected
         if path is None:
             return
         if self.is_builtin(Path(path)):

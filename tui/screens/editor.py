@@ -129,12 +129,16 @@ class EditorPane(Vertical):
                     w.value = as_text(value)
         finally:
             self._loading = False
-        self.loaded_keys = {spec.path for spec in _config().field_specs() if self.doc.get(spec.path) is not None}
+        self.loaded_keys = self._keys_in_file()
         self.query_one("#sec-llava").display = bool(self.doc.get("llava.enabled"))   # LLaVA recipes only
         self.set_dirty(False)
         for b in ("#ed-save", "#ed-save-as", "#ed-external"):
             self.query_one(b, Button).disabled = False
         self.revalidate()
+
+    def _keys_in_file(self) -> set[str]:
+        """The fields the recipe file sets (a value back at its default adds no key for the others)."""
+        return {spec.path for spec in _config().field_specs() if self.doc.get(spec.path) is not None}
 
     def set_dirty(self, dirty: bool) -> None:
         self.dirty = dirty
@@ -255,7 +259,7 @@ class EditorPane(Vertical):
         except ConfigError as e:
             self.app.notify("\n".join(e.problems), severity="error")
             return
-        self.loaded_keys = {spec.path for spec in _config().field_specs() if self.doc.get(spec.path) is not None}
+        self.loaded_keys = self._keys_in_file()
         self.set_dirty(False)
         self.app.notify(f"saved {path.name}")
         self.post_message(ConfigsChanged(path))

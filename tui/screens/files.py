@@ -143,8 +143,7 @@ class FilesPane(Horizontal):
         ckpt = self.selected
         run = RunDirectory(ckpt.parent)
         args = ["train", str(run.config_path), "--work-dir", str(run.path), "--resume", str(ckpt), "--detach"]
-        step = checkpoint_step(ckpt) or 0
-        later = [c.name for c in run.checkpoints() if (checkpoint_step(c) or 0) > step]
+        later = [c.name for c in run.checkpoints_after(ckpt)]
         state = run.status().get("state")
         if not later and state != "finished":
             self._engine(args, f"resuming from {ckpt.name}")
@@ -157,7 +156,7 @@ class FilesPane(Horizontal):
 
         self.app.push_screen(ConfirmDialog(
             f"{run.path.name} is {state or 'past this checkpoint'}. Resuming from {ckpt.name} trains its steps "
-            f"after {step} again{lost}. Go on?", yes="Resume and replace"), answered)
+            f"after {checkpoint_step(ckpt)} again{lost}. Go on?", yes="Resume and replace"), answered)
 
     @on(Button.Pressed, "#ckpt-merge")
     def merge(self) -> None:
