@@ -93,3 +93,25 @@ def trained_run(tmp_path_factory, tiny_model, identity_file) -> Path:
         os.chdir(old)
     assert rc == 0
     return ws / "run"
+
+
+def write_run(root: Path, name: str, losses: list[float], *, lr: str = "2e-3", state: str = "finished",
+              answers: dict[int, str] | None = None, pid: int = 1, log_lines: int = 20) -> Path:
+    """A run directory as a training writes it (status, metrics, evaluation answers, log, config),
+    for screens that only read runs."""
+    import json
+
+    run = root / "work_dirs" / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(DEMO_RECIPE.read_text().replace("lr: 2e-3", f"lr: {lr}"))
+    n = len(losses)
+    (run / "status.json").write_text(json.dumps({"state": state, "pid": pid, "step": n, "total_steps": 20,
+                                                 "eta_s": 0, "loss": losses[-1] if losses else None}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "epoch": s / 20, "loss": v, "lr": float(lr), "grad_norm": 1.0 / s, "tokens_per_s": 5000.0,
+         "gpu_mem_gib": None}) + "\n" for s, v in enumerate(losses, 1)))
+    (run / "evals.jsonl").write_text("".join(json.dumps({"step": step, "prompt": "Who are you?", "answer": a}) + "\n"
+                                             for step, a in sorted((answers or {}).items())))
+    (run / "train.log").write_text("".join(f"step {s}/20  loss {s:.4f}  line {s}\n" for s in range(1, log_lines + 1)))
+    (run / "console.log").write_text("UserWarning: this is what the process printed to stderr\n")
+    return run

@@ -116,9 +116,12 @@ def run_workspace(workspace) -> Path:
 class FakeNVML(types.ModuleType):
     """NVML as the nvidia-ml-py package presents it, for a machine with two GPUs (this one has none)."""
 
+    NVML_TEMPERATURE_GPU = 0
+
     def __init__(self):
         super().__init__("pynvml")
         self.queried: set[int] = set()
+        self.pids: dict[int, list[int]] = {}          # GPU index -> compute processes on it
 
     def nvmlInit(self):
         pass
@@ -138,6 +141,18 @@ class FakeNVML(types.ModuleType):
 
     def nvmlDeviceGetUtilizationRates(self, handle):
         return types.SimpleNamespace(gpu=87 if handle == 1 else 3)
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 61 if handle == 1 else 34
+
+    def nvmlDeviceGetPowerUsage(self, handle):          # milliwatts
+        return 512_000 if handle == 1 else 71_000
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=2**30) for p in self.pids.get(handle, [])]
 
 
 @pytest.fixture

@@ -21,13 +21,17 @@ from .typing import in_field
 PANE_KEYS = {
     "configs": [("letters", "filter the recipes (as list-cfg -p)"), ("enter", "edit a workspace recipe"),
                 ("↑ ↓ ← →", "move in the tree")],
-    "runs": [("enter", "show the run"), ("↑ ↓", "move in the run list")],
+    "runs": [("enter", "show the run"), ("↑ ↓", "move in the run list"),
+             ("space", "mark the run for comparison"), ("c", "compare the marked runs"),
+             ("l", "the run's log full screen (search, follow, wrap, stderr)")],
+    "gpus": [("↑ ↓", "move in the lists")],
     "chat": [("letters", "start typing a prompt"), ("enter", "send it to both sides")],
     "files": [("enter", "open a folder / show a file")],
 }
 
 PANE_CLASSES = {"configs": "ConfigsPane", "editor": "EditorPane", "runs": "RunsPane", "chat": "ChatPane",
-                "files": "FilesPane", "data": "DataPane"}
+                "files": "FilesPane", "data": "DataPane",
+                "gpus": "GpusPane"}
 
 
 class Deferred(Widget):
@@ -79,7 +83,7 @@ class KeyFooter(Footer):
 
 
 TABS = [("configs", "Configs"), ("editor", "Editor"), ("runs", "Runs"), ("chat", "Chat"), ("files", "Files"),
-        ("data", "Data")]
+        ("data", "Data"), ("gpus", "GPUs")]
 
 
 class TunedeckCommands(Provider):
@@ -136,12 +140,13 @@ class TunedeckApp(App):
     # fields are ctrl or function keys. Configs and Chat send letters typed outside a field to their
     # filter / prompt, so typing "qwen" filters and never quits.
     BINDINGS = [
-        Binding("1", "show('configs')", "Screens", key_display="1-6", show=True),
+        Binding("1", "show('configs')", "Screens", key_display="1-7", show=True),
         Binding("2", "show('editor')", "Editor", show=False),
         Binding("3", "show('runs')", "Runs", show=False),
         Binding("4", "show('chat')", "Chat", show=False),
         Binding("5", "show('files')", "Files", show=False),
         Binding("6", "show('data')", "Data", show=False),
+        Binding("7", "show('gpus')", "GPUs", show=False),
         Binding("escape", "leave_field", "Leave field"),
         Binding("question_mark", "help", "Keys"),
         Binding("slash", "find", "Find"),
@@ -154,6 +159,9 @@ class TunedeckApp(App):
         Binding("r", "pane('runs', 'resume')", "Resume run"),
         Binding("p", "pane('runs', 'plot')", "Loss plot/log"),
         Binding("d", "pane('runs', 'delete')", "Archive/delete"),
+        Binding("space", "pane('runs', 'mark')", "Mark", show=False),
+        Binding("c", "pane('runs', 'compare')", "Compare"),
+        Binding("l", "pane('runs', 'log')", "Log"),
         Binding("q", "quit_app('q')", "Quit"),
         Binding("ctrl+q", "quit_app", "Quit", show=False, priority=True),
     ]
@@ -213,7 +221,7 @@ class TunedeckApp(App):
     # where focus lands on a screen, and goes back to on escape: never a text field, so the next digit
     # switches screens instead of being typed
     FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form", "runs": "#runs-table", "chat": "#chat-left",
-             "files": "#files-tree", "data": "#id-generate"}
+             "files": "#files-tree", "data": "#id-generate", "gpus": "#gpu-table"}
 
     def action_show(self, tab: str) -> None:
         tabs = self.query_one("#tabs", TabbedContent)
@@ -239,12 +247,18 @@ class TunedeckApp(App):
         if event.pane is not None and event.pane.id == "chat":
             for pane in self.query("#chat-pane"):
                 pane.refresh_checkpoints()
+        if event.pane is not None and event.pane.id == "gpus":
+            for pane in self.query("#gpus-pane"):
+                pane.refresh_panel()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """A screen's keys work (and show in the footer) while its tab is active; escape shows while a
         field has focus; q is not a key on a screen where letters are typing."""
         # asked for every binding on every focus or tab change: no DOM query here
         active = self._tabs.active if self._tabs is not None else None
+        if len(self.screen_stack) > 1 and action in ("show", "pane", "find", "help", "leave_field") or \
+                len(self.screen_stack) > 1 and action == "quit_app" and parameters == ("q",):
+            return False           # a screen on top (log, comparison, dialog) has its own keys
         if action == "pane":
             return parameters[0] == active
         if action == "leave_field":
@@ -291,21 +305,54 @@ class TunedeckApp(App):
                  ("ctrl+p", "command palette: every action"), ("ctrl+q", "quit")]
         return rows
 
+    def started_runs(self) -> list:
+        """Runs this app started that are still running (RunDirectory each)."""
+        from engine.train.runs import RunDirectory
+
+        out = []
+        for pane in self.query("#runs-pane"):
+            for path in pane.started:
+                run = RunDirectory(path)
+                if run.status().get("state") in ("running", "starting"):
+                    out.append(run)
+        return out
+
     async def action_quit_app(self, key: str = "ctrl+q") -> None:
-        if not self.service.started_here():
+        runs = self.started_runs()
+        service = self.service.started_here()
+        if not runs and not service:
             self.exit()
             return
         from .dialogs import ChoiceDialog
 
         def chosen(answer: str | None) -> None:
+            if answer is None:
+                return
             if answer == "stop":
-                self.exit()
-            elif answer == "keep":
-                self.service.keep = True
-                self.exit()
+                for run in runs:
+                    try:
+                        run.request_stop(wait_s=0)       # each saves a checkpoint, then stops
+                    except Exception:
+                        pass                             # it ended meanwhile
+            if answer == "keep" and service:
+                self.service.keep = True             # "keep-runs" stops the service as the app closes
+            self.exit()
 
-        question = f"This app started {self.service.describe()}.\nTraining runs keep running whatever you choose."
-        answers = [("stop", "Stop it and quit"), ("keep", "Keep it and quit")]
+        what = []
+        if service:
+            what.append(self.service.describe())
+        what += [f"the run {r.path.name} (step {r.status().get('step') or 0}/{r.status().get('total_steps') or '?'})"
+                 for r in runs]
+        if runs and service:
+            answers = [("stop", "Stop all"), ("keep-runs", "Keep runs, stop service"), ("keep", "Keep all")]
+        elif runs:
+            answers = [("stop", "Stop them and quit" if len(runs) > 1 else "Stop it and quit"),
+                       ("keep", "Keep them and quit" if len(runs) > 1 else "Keep it and quit")]
+        else:
+            answers = [("stop", "Stop it and quit"), ("keep", "Keep it and quit")]
+        note = ("\nA stopped run saves a checkpoint first; resume continues from there." if runs else
+                "\nTraining runs keep running whatever you choose.")
+        question = "This app started " + "; ".join(what) + "." + note
         self.push_screen(ChoiceDialog(question, answers, warning="stop"), chosen)
 
     async def action_pane(self, tab: str, action: str) -> None:

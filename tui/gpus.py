@@ -1,10 +1,11 @@
-"""The machine's NVIDIA GPUs through NVML (nvidia-ml-py): names, utilisation and memory, for the Runs
-screen's GPU choice and the run view. Torch-free and cheap (microseconds a query); a machine without
-the driver simply has no GPUs here."""
+"""The machine's NVIDIA GPUs through NVML (nvidia-ml-py): names, utilisation, memory, temperature,
+power and the processes on each, for the GPU screen, the Runs screen's GPU choice and the run view;
+CPU and memory through psutil. Torch-free and cheap (microseconds a query); a machine without the
+driver simply has no GPUs here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,10 @@ class Gpu:
     util_pct: int | None
     mem_used_gib: float
     mem_total_gib: float
+    temperature_c: int | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    pids: tuple[int, ...] = field(default=())           # compute processes on it
 
     def label(self) -> str:
         util = f"{self.util_pct}%" if self.util_pct is not None else "-"
@@ -54,12 +59,38 @@ def list_gpus(indices: list[int] | None = None) -> list[Gpu]:
             name = nvml.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else name
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-            try:
-                util = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-            except Exception:    # some MIG slices and vGPUs do not report it
-                util = None
+            util = _optional(lambda: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
         except Exception:
             continue
-        out.append(Gpu(i, name.removeprefix("NVIDIA "), util, mem.used / 2**30, mem.total / 2**30))
+        # what some MIG slices, vGPUs and older boards do not report stays None
+        temp = _optional(lambda: int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)))
+        power = _optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000)
+        limit = _optional(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000)
+        pids = _optional(lambda: tuple(p.pid for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle))) or ()
+        out.append(Gpu(i, name.removeprefix("NVIDIA "), util, mem.used / 2**30, mem.total / 2**30, temp, power,
+                       limit, pids))
     return out
+
+
+def _optional(read):
+    try:
+        return read()
+    except Exception:
+        return None
+
+
+def process_tree_owner(pid: int, owners: dict[int, str]) -> str | None:
+    """The owner (a run's name) of ``pid`` or of the nearest ancestor in ``owners``: torchrun's and
+    DeepSpeed's workers are children of the process a run's status names."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        chain = [proc, *proc.parents()]
+    except (psutil.Error, OSError):
+        return owners.get(pid)
+    for p in chain:
+        if p.pid in owners:
+            return owners[p.pid]
+    return None
 

@@ -44,6 +44,13 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable: one object per run")
     p.set_defaults(verb_handler=runs)
 
+    p = add_verb(sub, "compare", "compare runs: loss curves, the recipe settings that differ, evaluation answers",
+                 "tunedeck compare my_recipe my_recipe_2", "tunedeck compare work_dirs/a work_dirs/b --json")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="two or more run directories, or their names under --root")
+    p.add_argument("--root", default="work_dirs", help="the folder the run directories are in")
+    p.add_argument("--json", action="store_true", help="machine-readable: curves, differences and answers")
+    p.set_defaults(verb_handler=compare)
+
     p = add_verb(sub, "stop", "save a checkpoint and stop a running training",
                  "tunedeck stop my_recipe", "tunedeck stop work_dirs/my_recipe_2 --wait 300")
     p.add_argument("run", help="the run directory, or its name under --root")
@@ -93,11 +100,39 @@ def runs(args) -> int:
     print(f"{'RUN':<40} {'STATE':<9} {'STEP':>11} {'LOSS':>8} {'ETA':>8}  INFO")
     for r in rows:
         prog = f"{r['step']}/{r['total_steps'] or '?'}"
-        info = r["error"] if r["state"] == "failed" else (r["latest_checkpoint"] or "")
-        eta = format_eta(r["eta_s"]) if r["state"] == "running" else "-"
+        info = r["error"] if r["state"] == "failed" else (r["phase"] or r["latest_checkpoint"] or "")
+        eta = format_eta(r["eta_s"]) if r["state"] == "running" and not r["phase"] else "-"
         rel = os.path.relpath(r["run"])
         shown = r["run"] if rel.startswith("..") else rel
         print(f"{shown:<40} {r['state']:<9} {prog:>11} {format_loss(r['loss']):>8} {eta:>8}  {info}")
+    return 0
+
+
+def compare(args) -> int:
+    from engine.train.compare import compare_runs
+    from engine.train.runs import format_loss, resolve_run
+
+    cmp = compare_runs([resolve_run(r, args.root) for r in args.runs])
+    if args.json:
+        print(json.dumps(cmp.to_json(), ensure_ascii=False, indent=1))
+        return 0
+    width = max(len(n) for n in cmp.names)
+    print("loss (first, lowest, last over steps):")
+    for name, curve in zip(cmp.names, cmp.curves):
+        if curve:
+            print(f"  {name:<{width}}  {format_loss(curve[0])} {format_loss(min(curve))} {format_loss(curve[-1])}"
+                  f"  {len(curve)} steps")
+        else:
+            print(f"  {name:<{width}}  no steps yet")
+    print("recipe settings that differ:" if cmp.config_diff else "recipe settings: the same")
+    for key, values in cmp.config_diff:
+        print(f"  {key}: " + " | ".join(f"{n}={v}" for n, v in zip(cmp.names, values)))
+    if cmp.answers:
+        print("evaluation answers (newest step first):")
+    for step, prompt, answers in cmp.answers:
+        print(f"  @{step} {prompt}")
+        for name, answer in zip(cmp.names, answers):
+            print(f"    {name:<{width}}  {answer}")
     return 0
 
 

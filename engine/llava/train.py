@@ -84,8 +84,10 @@ class LlavaTrainer(Trainer):
         llm = load_model(r.model.path, quantization=r.model.quantization, quant_type=r.model.quant_type,
                          double_quant=r.model.double_quant, precision=precision,
                          trust_remote_code=r.model.trust_remote_code,
-                         attn_implementation=r.model.attn_implementation, device_map=device_map)
+                         attn_implementation=r.model.attn_implementation, device_map=device_map,
+                         progress=self._weights_loaded)
         llm.config.use_cache = False
+        self._phase("loading the vision tower")
         vision = load_vision(lv.visual_encoder, precision.weight_dtype, self.device)
         for p in vision.parameters():
             p.requires_grad_(False)

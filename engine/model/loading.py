@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,8 +228,9 @@ def uncompile(layers: list[torch.nn.Module]) -> None:
 
 def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4", double_quant: bool = True,
                precision: Precision, trust_remote_code: bool = False, attn_implementation: str = "auto",
-               device_map: Any = None) -> Any:
-    """The base model, frozen-quantized when asked. Full-precision master weights (for a full
+               device_map: Any = None, progress: Callable[[int, int], None] | None = None) -> Any:
+    """The base model, frozen-quantized when asked; ``progress(done, total)`` follows the weights
+    as they load. Full-precision master weights (for a full
     fine-tune) are loaded in fp32 by the caller passing a float32 precision."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -250,7 +253,8 @@ def load_model(path: str, *, quantization: str = "none", quant_type: str = "nf4"
         device_map = {"": torch.cuda.current_device()} if precision.device == "cuda" else {"": "cpu"}
     kw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(native, **kw)
+        with weight_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(native, **kw)
     except torch.cuda.OutOfMemoryError:
         raise
     except (OSError, ValueError, ImportError, KeyError, AttributeError, TypeError, NameError) as e:
@@ -314,6 +318,40 @@ def unreadable_weights(folder: str | Path) -> str | None:
         except Exception:
             return str(f)
     return None
+
+
+@contextmanager
+def weight_progress(report: Callable[[int, int], None] | None) -> Iterator[None]:
+    """Calls ``report(done, total)`` while transformers loads the weights, from its own "Loading
+    weights" loop (the module's ``tqdm``), at most every 2 % and once at the end; the run's status
+    shows it as a percentage. A transformers without that loop loads without a report."""
+    import transformers.core_model_loading as loading_module
+
+    original = getattr(loading_module, "tqdm", None)
+    if report is None or original is None:
+        yield
+        return
+
+    def counting(iterable=None, *args, **kwargs):
+        if iterable is None:                  # used as a manual bar: not the loop this follows
+            return original(iterable, *args, **kwargs)
+        items = list(iterable)
+
+        def walk():
+            total, shown = len(items), -1
+            for i, item in enumerate(items):
+                yield item
+                pct = (i + 1) * 50 // max(total, 1)
+                if pct != shown:
+                    shown = pct
+                    report(i + 1, total)
+        return walk()
+
+    loading_module.tqdm = counting
+    try:
+        yield
+    finally:
+        loading_module.tqdm = original
 
 
 def quiet_progress() -> None:

@@ -366,7 +366,7 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
     setup_logging(run, console, rank)
     if rank == 0:
         clean_partial(run)
-        run.write_status(state="starting", pid=os.getpid(), step=0, error=None,
+        run.write_status(state="starting", pid=os.getpid(), step=0, error=None, phase=None,
                          config_name=config_name, started=time.time(), resumed_from=str(resume_from or "") or None)
     trainer_cls = trainer_cls or Trainer
     if recipe.llava.enabled and trainer_cls is Trainer:
@@ -381,7 +381,7 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
         return trainer.train()
     except StoppedDuringSetup:
         if rank == 0:
-            run.write_status(state="stopped", finished=time.time(), **({"step": 0} if resume_from is None else {}))
+            run.write_status(state="stopped", finished=time.time(), phase=None, **({"step": 0} if resume_from is None else {}))
             log.info("stopped before the first step (nothing trained, nothing saved)")
         return "stopped"
     except UserError as e:
@@ -403,7 +403,7 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
 
 def _fail(run: RunDirectory, rank: int, msg: str) -> None:
     if rank == 0:
-        run.write_status(state="failed", error=msg, finished=time.time())
+        run.write_status(state="failed", error=msg, finished=time.time(), phase=None)
         log.error("failed: %s", msg)
 
 

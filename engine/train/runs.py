@@ -1,10 +1,12 @@
 """Run directories: what a training process writes and everyone else reads.
 
     RUN/config.yaml        the resolved recipe (absolute paths)
-    RUN/status.json        pid, state, step, total_steps, eta_s, error (rewritten atomically)
+    RUN/status.json        pid, state, phase (setup, compiling), step, total_steps, eta_s, error
+                           (rewritten atomically)
     RUN/metrics.jsonl      one line per logged optimizer step
     RUN/evals.jsonl        evaluation answers (step, prompt, answer)
     RUN/train.log          the human-readable log
+    RUN/console.log        a detached run's stdout and stderr (warnings, tracebacks)
     RUN/checkpoint-N/      complete checkpoints (written as .checkpoint-N.tmp, then renamed)
 
 Torch-free: the TUI and ``tunedeck runs`` use it.
@@ -139,7 +141,9 @@ class RunDirectory:
         return {"run": str(self.path), "name": self.path.name, "state": st.get("state", "unknown"),
                 "step": st.get("step", 0), "total_steps": st.get("total_steps"), "eta_s": st.get("eta_s"),
                 "loss": st.get("loss"), "error": st.get("error"), "pid": st.get("pid"),
-                "config": st.get("config_name"), "latest_checkpoint": str(latest) if latest else None}
+                "config": st.get("config_name"),
+                "phase": st.get("phase") if st.get("state") in ("starting", "running") else None,
+                "latest_checkpoint": str(latest) if latest else None}
 
     # -- control
     def request_stop(self, wait_s: float = 60.0) -> dict[str, Any]:

@@ -110,9 +110,12 @@ class Trainer:
         init_distributed(r.train.deepspeed, self.world, self.local_rank)
         self._seed(r.train.seed)
         self.precision = pick_precision(r.train.mixed_precision, r.model.dtype)
+        self._phase("loading the tokenizer")
         self.tokenizer = load_tokenizer(r.model.path, r.model.trust_remote_code)
         self.template = resolve_template_name(r.data.prompt_template, self.tokenizer)
+        self._phase("reading the data")
         self._setup_data()
+        self._phase("loading the model")
         self._setup_model()
         # on a GPU the loss is taken from hidden states in chunks (no batch-sized fp32 logits)
         if self.device.type == "cuda" or r.train.loss_chunk_tokens:
@@ -127,6 +130,14 @@ class Trainer:
                 find_unused_parameters=self.find_unused_parameters)
         if self.device.type == "cuda":   # peak memory of training, not of loading
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _phase(self, phase: str | None) -> None:
+        """What setup (or the first step) is doing, in status.json for `tunedeck runs` and the app."""
+        if self.rank == 0:
+            self.run.write_status(phase=phase)
+
+    def _weights_loaded(self, done: int, total: int) -> None:
+        self._phase(f"loading the model {done * 100 // max(total, 1)}%")
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
@@ -199,7 +210,7 @@ class Trainer:
         model = load_model(r.model.path, quantization=r.model.quantization, quant_type=r.model.quant_type,
                            double_quant=r.model.double_quant, precision=precision,
                            trust_remote_code=r.model.trust_remote_code, attn_implementation=attn,
-                           device_map=device_map)
+                           device_map=device_map, progress=self._weights_loaded)
         model.config.use_cache = False
         if full:
             if r.model.gradient_checkpointing:
@@ -517,7 +528,7 @@ class Trainer:
             self.evaluate()
         if self.rank == 0:
             self.run.write_status(state=state, step=self.pos.step, eta_s=0 if state == "finished" else None,
-                                  finished=time.time())
+                                  finished=time.time(), phase=None)
             log.info("%s at step %d/%d in %.1fs", state, self.pos.step, self.total_steps, time.time() - t0)
         if self.tb is not None:
             self.tb.close()
@@ -555,7 +566,7 @@ class Trainer:
                  self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
                  self.recipe.train.accumulative_counts, self.recipe.train.batch_size, self.world)
         self.run.write_status(state="running", pid=os.getpid(), step=self.pos.step,
-                              total_steps=self.total_steps, data=self.data_info | {"first_sample": None},
+                              phase="compiling" if self.compiled_layers else None, total_steps=self.total_steps, data=self.data_info | {"first_sample": None},
                               trainable_params=self.n_trainable, device=str(self.device), error=None)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -589,7 +600,7 @@ class Trainer:
                     if rec[k] is not None:
                         self.tb.add_scalar(f"train/{k}", rec[k], step)
         self.run.write_status(state="running", step=step, total_steps=self.total_steps, eta_s=round(eta, 1),
-                              loss=rec["loss"], epoch=rec["epoch"])
+                              loss=rec["loss"], epoch=rec["epoch"], phase=None)
 
     def meta(self) -> dict[str, Any]:
         r = self.recipe

@@ -145,6 +145,7 @@ class RunView(Vertical):
         st = self.run.status()
         state = st.get("state", "unknown")
         step, total = st.get("step") or 0, st.get("total_steps") or 0
+        phase = st.get("phase") if state in ("starting", "running") else None     # setup, compiling
         title = Text.assemble((self.run.path.name, "bold"), "  ", (state, STATE_STYLE.get(state, "")))
         if state == "failed" and st.get("error"):
             title.append(f"\n{st['error']}", style="red")
@@ -165,9 +166,9 @@ class RunView(Vertical):
             self.query_one("#rv-numbers", Static).update(
                 f"step {step}/{total}  loss {last['loss']:.4f}  lr {last['lr']:.3g}  grad norm "
                 f"{last['grad_norm']:.3f}  {last.get('tokens_per_s') or 0:.0f} tok/s  mem {mem}"
-                + (f"  ETA {format_eta(st.get('eta_s'))}" if state == "running" else ""))
+                + (f"  {phase}" if phase else f"  ETA {format_eta(st.get('eta_s'))}" if state == "running" else ""))
         else:
-            self.query_one("#rv-numbers", Static).update(f"step {step}/{total or '?'}")
+            self.query_one("#rv-numbers", Static).update(f"step {step}/{total or '?'}" + (f"  {phase}…" if phase else ""))
         if self.tail is not None:
             lines = self.tail.read_new()
             if lines:
@@ -246,6 +247,8 @@ class RunsPane(Vertical):
         super().__init__(**kw)
         self.workspace = workspace
         self.rows: list[Path] = []
+        self.marked: list[Path] = []         # runs picked for the comparison view (space), in order
+        self.started: list[Path] = []        # runs this app started (quitting asks about those still running)
 
     def compose(self) -> ComposeResult:
         # one line to start a run, then the run list beside the selected run: at 80x24 the log keeps
@@ -263,7 +266,7 @@ class RunsPane(Vertical):
 
     def on_mount(self) -> None:
         table = self.query_one("#runs-table", DataTable)
-        table.add_columns("run", "state", "step", "loss", "ETA")
+        table.add_columns("", "run", "state", "step", "loss", "ETA")
         self.refresh_configs()
         self.refresh_gpus()
         self.refresh_runs()
@@ -300,7 +303,9 @@ class RunsPane(Vertical):
         keep = sel.value
         configs = workspace_configs(self.workspace)
         sel.set_options([(p.stem, str(p)) for p in configs])
-        for value in (str(select) if select else None, keep):
+        # the one just saved, else the one chosen before, else the recipe edited last
+        newest = str(max(configs, key=lambda p: p.stat().st_mtime)) if configs else None
+        for value in (str(select) if select else None, keep, newest):
             if value is not None and chosen(value) and any(str(p) == value for p in configs):
                 sel.value = value
                 break
@@ -309,7 +314,7 @@ class RunsPane(Vertical):
         table = self.query_one("#runs-table", DataTable)
         runs = find_runs(self.workspace / "work_dirs")
         summaries = [r.summary(with_checkpoint=False) for r in runs]
-        signature = [(s["run"], s["state"], s["step"], s["loss"]) for s in summaries]
+        signature = [(s["run"], s["state"], s["step"], s["loss"], s["phase"]) for s in summaries] + [tuple(self.marked)]
         if signature == getattr(self, "_signature", None):
             return
         self._signature = signature
@@ -317,10 +322,16 @@ class RunsPane(Vertical):
         keep = table.cursor_row
         table.clear()
         self.rows = [r.path for r in runs]
+        self.marked = [m for m in self.marked if m in self.rows]
         for r, s in zip(runs, summaries):
             loss = format_loss(s["loss"])
-            eta = format_eta(s["eta_s"]) if s["state"] == "running" else "-"
-            table.add_row(r.path.name, Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
+            eta = format_eta(s["eta_s"]) if s["state"] == "running" and not s["phase"] else "-"
+            if s["phase"] == "compiling":
+                eta = "compiling"
+            elif s["phase"] and s["phase"].endswith("%"):          # loading the model 40%
+                eta = "load " + s["phase"].rsplit(" ", 1)[-1]
+            mark = Text(str(self.marked.index(r.path) + 1), style="bold reverse") if r.path in self.marked else ""
+            table.add_row(mark, r.path.name, Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
                           f"{s['step']}/{s['total_steps'] or '?'}", loss, eta, key=str(r.path))
         if self.rows:
             table.move_cursor(row=min(max(keep, 0), len(self.rows) - 1))
@@ -430,6 +441,38 @@ class RunsPane(Vertical):
         self._launch(["train", str(run.config_path), "--work-dir", str(run.path), "--resume", "--detach"]
                      + (["--devices", ",".join(map(str, devices))] if devices else []), f"resuming {run.path.name}")
 
+    def action_mark(self) -> None:
+        """Pick the highlighted run for the comparison view, or drop it."""
+        table = self.query_one("#runs-table", DataTable)
+        if not self.rows or table.cursor_row < 0:
+            return
+        path = self.rows[min(table.cursor_row, len(self.rows) - 1)]
+        if path in self.marked:
+            self.marked.remove(path)
+        else:
+            self.marked.append(path)
+        self._signature = None
+        self.refresh_runs()
+
+    def action_compare(self) -> None:
+        """The marked runs side by side: loss curves, recipe differences, evaluation answers."""
+        runs = list(self.marked)
+        if len(runs) < 2:
+            self.app.notify("mark two or more runs with space, then press c", severity="warning")
+            return
+        from .compare import CompareScreen
+
+        self.app.push_screen(CompareScreen(runs))
+
+    def action_log(self) -> None:
+        """The run's log full screen: search, follow, wrap, and the process's stderr."""
+        run = self.query_one(RunView).run
+        if run is None:
+            return
+        from .logview import LogScreen
+
+        self.app.push_screen(LogScreen(run.path))
+
     def action_plot(self) -> None:
         """Swap the live log for the larger loss plot and back."""
         log, plot = self.query_one("#rv-log", Log), self.query_one("#rv-plot", LossPlot)
@@ -445,5 +488,6 @@ class RunsPane(Vertical):
             self.app.call_from_thread(self.app.notify, msg, severity="error")
             return
         run_dir = Path(proc.stdout.strip().splitlines()[-1])
+        self.started.append(run_dir.resolve())
         self.app.call_from_thread(self.refresh_runs)
         self.app.call_from_thread(self.query_one(RunView).show, run_dir)
