@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_RECIPE
+from conftest import DEMO_RECIPE, write_run
 
 from engine.recipe.catalogue import COPIED_FROM
 
@@ -44,6 +44,13 @@ def snapshot_workspace() -> Path:
     (ck / "trainer_state.json").write_text(json.dumps({"step": 20, "epoch": 1, "window": 0}))
     (ck / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32, "peft_type": "LORA",
                                                         "target_modules": ["q_proj", "v_proj"]}))
+    (run / "console.log").write_text("UserWarning: a warning the process printed\n")
+    # an older run of the same recipe at another lr, for the comparison view
+    other = write_run(WS, "my_demo_lr", [round(6.5 * 0.9 ** s, 4) for s in range(1, 21)], lr="2e-4",
+                      answers={20: "I am an AI assistant."})
+    (other / "status.json").touch()
+    import os
+    os.utime(other / "status.json", (1.7e9, 1.7e9))         # older: listed below my_demo
     yield WS
     shutil.rmtree(WS, ignore_errors=True)
 
@@ -91,6 +98,77 @@ def test_editor_snapshot(snap_compare, snapshot_workspace, size):
         await still(pilot)
 
     assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=open_recipe)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
+def test_compare_snapshot(snap_compare, snapshot_workspace, size):
+    """Runs: both runs marked with space, compared with c (the loss curves overlaid)."""
+    async def compare(pilot):
+        await still(pilot)
+        await pilot.press("3")
+        await pilot.pause(0.3)
+        await pilot.press("space", "down", "space", "c")
+        await pilot.pause(0.5)
+
+    assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=compare)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
+@pytest.mark.parametrize("view", ["2", "3"], ids=["recipes", "answers"])
+def test_compare_tables_snapshot(snap_compare, snapshot_workspace, size, view):
+    async def compare(pilot):
+        await still(pilot)
+        await pilot.press("3")
+        await pilot.pause(0.3)
+        await pilot.press("space", "down", "space", "c")
+        await pilot.pause(0.5)
+        await pilot.press(view)
+        await pilot.pause(0.3)
+
+    assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=compare)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
+def test_log_viewer_snapshot(snap_compare, snapshot_workspace, size):
+    async def log(pilot):
+        await still(pilot)
+        await pilot.press("3")
+        await pilot.pause(0.3)
+        await pilot.press("l")
+        await pilot.pause(0.5)
+        await pilot.press("slash", *"loss 0.3", "enter")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=log)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
+def test_gpus_snapshot(snap_compare, snapshot_workspace, size, monkeypatch):
+    """Two GPUs through a stand-in NVML; the host's CPU and memory fixed."""
+    import sys
+    import types
+
+    import psutil
+    from test_tui import FakeNVML
+
+    import tui.gpus
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML())
+    monkeypatch.setattr(tui.gpus, "_nvml", None)
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: 42.0)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=128 * 2**30,
+                                                                                 available=96 * 2**30, percent=25.0))
+
+    async def gpus(pilot):
+        await still(pilot)
+        await pilot.press("7")
+        await pilot.pause(0.3)
+
+    try:
+        assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=gpus)
+    finally:
+        tui.gpus._nvml = None
 
 
 def test_too_small_snapshot(snap_compare, snapshot_workspace):

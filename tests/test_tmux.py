@@ -66,10 +66,11 @@ class Terminal:
         subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
 
 
-def test_a_journey_at_80x24_copy_edit_train_quit_reopen_merge_chat(workspace):
-    """Copy a recipe, change its lr through the form, start it, quit while it trains, reopen, merge a
-    checkpoint and chat with it beside the base model, quit (stopping the service the app started):
-    every step by keys at 80x24, every step checked on the captured screen and on disk."""
+def test_a_journey_at_80x24_copy_edit_train_quit_reopen_compare_merge_chat(workspace):
+    """Copy a recipe, change its lr through the form, start it, quit while it trains, reopen, compare it
+    with the run of the original recipe, merge a checkpoint and chat with it beside the base model, quit
+    (stopping the service the app started): every step by keys at 80x24, every step checked on the
+    captured screen and on disk."""
     from conftest import DEMO_RECIPE
 
     from engine.recipe.schema import RecipeDocument
@@ -79,6 +80,9 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_merge_chat(workspace):
     for key, value in (("max_steps", "8"), ("save_steps", "4"), ("evaluation_freq", "0"), ("evaluation_inputs", "[]")):
         doc.set(key, value)
     doc.save(workspace / "configs" / "quick.yaml")
+    # the run of the original recipe that the user's copy is compared with later, started from the shell
+    subprocess.run([str(Path(sys.executable).with_name("tunedeck")), "train", "configs/quick.yaml", "--detach"],
+                   cwd=workspace, check=True, capture_output=True)
     t = Terminal(workspace)
     try:
         t.open()
@@ -104,7 +108,9 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_merge_chat(workspace):
         t.wait_for("Start (n)")
         t.keys("n")                                      # the recipe just saved is the one to start
         t.wait_for("mine  running", 90)
-        t.keys("q")                                      # quitting never stops a run
+        t.keys("q")                                      # the app started a run: it asks what to keep
+        t.wait_for("Keep it and quit")
+        t.keys("BTab", "Enter")                          # keep it: the run goes on without the app
         t.wait_closed()
         run = workspace / "work_dirs" / "mine"
         deadline = time.time() + 120
@@ -116,6 +122,16 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_merge_chat(workspace):
         t.keys("3")
         screen = t.wait_for("mine  finished")
         assert "8/8" in screen, [ln for ln in screen.splitlines() if "mine" in ln or "step" in ln]
+        t.wait_for("quick  finished", 60)
+        t.keys("Space", "Down", "Space", "c")            # mark both, compare them
+        screen = t.wait_for("comparing")
+        assert "mine" in screen and "quick" in screen and "step 8" in screen
+        t.keys("2")                                      # the recipe settings that differ: lr alone
+        screen = t.wait_for("train.lr")
+        row = next(ln for ln in screen.splitlines() if "train.lr" in ln)
+        assert "0.005" in row and "0.002" in row, row
+        t.keys("Escape")
+        t.wait_for("Start (n)")
         t.keys("5")
         t.wait_for("work_dirs")
         time.sleep(0.5)

@@ -177,8 +177,9 @@ async def test_the_gpu_screen_shows_each_gpu_and_which_run_holds_it(tmp_path, fa
 
 
 async def test_without_a_gpu_the_gpu_screen_shows_cpu_and_memory(tmp_path, monkeypatch):
-    import tui.gpus
     from textual.widgets import DataTable, Static
+
+    import tui.gpus
 
     monkeypatch.setattr(tui.gpus, "_nvml", False)           # NVML proved unusable: no driver
     app = app_for(tmp_path)
@@ -220,7 +221,8 @@ def test_a_run_reports_loading_progress_up_to_100_percent(workspace, tiny_model,
     from engine.model.loading import load_model, pick_precision
 
     seen: list[tuple[int, int]] = []
-    load_model(str(tiny_model), precision=pick_precision("no", "float32", device="cpu"), progress=lambda d, t: seen.append((d, t)))
+    load_model(str(tiny_model), precision=pick_precision("no", "float32", device="cpu"),
+               progress=lambda done, total: seen.append((done, total)))
     assert seen and seen[-1][0] == seen[-1][1] and seen[-1][1] > 10
     assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
 

@@ -155,13 +155,13 @@ class TunedeckApp(App):
         Binding("ctrl+s", "pane('editor', 'save')", "Save", priority=True),
         Binding("ctrl+o", "pane('editor', 'external')", "$EDITOR", priority=True),
         Binding("n", "pane('runs', 'start')", "Start run"),
-        Binding("s", "pane('runs', 'stop')", "Stop run"),
-        Binding("r", "pane('runs', 'resume')", "Resume run"),
-        Binding("p", "pane('runs', 'plot')", "Loss plot/log"),
-        Binding("d", "pane('runs', 'delete')", "Archive/delete"),
+        Binding("s", "pane('runs', 'stop')", "Stop run", show=False),        # the run view's buttons say so
+        Binding("r", "pane('runs', 'resume')", "Resume run", show=False),
         Binding("space", "pane('runs', 'mark')", "Mark", show=False),
         Binding("c", "pane('runs', 'compare')", "Compare"),
         Binding("l", "pane('runs', 'log')", "Log"),
+        Binding("p", "pane('runs', 'plot')", "Plot"),
+        Binding("d", "pane('runs', 'delete')", "Archive/delete"),
         Binding("q", "quit_app('q')", "Quit"),
         Binding("ctrl+q", "quit_app", "Quit", show=False, priority=True),
     ]

@@ -59,14 +59,15 @@ def list_gpus(indices: list[int] | None = None) -> list[Gpu]:
             name = nvml.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else name
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-            util = _optional(lambda: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+            util = _optional(lambda handle=handle: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
         except Exception:
             continue
         # what some MIG slices, vGPUs and older boards do not report stays None
-        temp = _optional(lambda: int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)))
-        power = _optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000)
-        limit = _optional(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000)
-        pids = _optional(lambda: tuple(p.pid for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle))) or ()
+        temp = _optional(lambda handle=handle: int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)))
+        power = _optional(lambda handle=handle: nvml.nvmlDeviceGetPowerUsage(handle) / 1000)
+        limit = _optional(lambda handle=handle: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000)
+        procs = _optional(lambda handle=handle: nvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+        pids = tuple(p.pid for p in procs)
         out.append(Gpu(i, name.removeprefix("NVIDIA "), util, mem.used / 2**30, mem.total / 2**30, temp, power,
                        limit, pids))
     return out

@@ -381,7 +381,8 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
         return trainer.train()
     except StoppedDuringSetup:
         if rank == 0:
-            run.write_status(state="stopped", finished=time.time(), phase=None, **({"step": 0} if resume_from is None else {}))
+            run.write_status(state="stopped", finished=time.time(), phase=None,
+                             **({"step": 0} if resume_from is None else {}))
             log.info("stopped before the first step (nothing trained, nothing saved)")
         return "stopped"
     except UserError as e:

@@ -566,7 +566,8 @@ class Trainer:
                  self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
                  self.recipe.train.accumulative_counts, self.recipe.train.batch_size, self.world)
         self.run.write_status(state="running", pid=os.getpid(), step=self.pos.step,
-                              phase="compiling" if self.compiled_layers else None, total_steps=self.total_steps, data=self.data_info | {"first_sample": None},
+                              phase="compiling" if self.compiled_layers else None, total_steps=self.total_steps,
+                              data=self.data_info | {"first_sample": None},
                               trainable_params=self.n_trainable, device=str(self.device), error=None)
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -16,7 +16,7 @@ from textual.widgets.text_area import Selection
 
 from engine.train.runs import RunDirectory
 
-from .runs import LogTail
+from ..tail import LogTail
 
 SOURCES = {"train": ("train.log", "log"), "console": ("console.log", "stdout+stderr")}
 

@@ -4,7 +4,6 @@ answers; stop and resume. Runs live in their own processes: quitting the app nev
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -24,6 +23,7 @@ from engine.train.runs import RunDirectory, find_runs, format_eta, format_loss
 from ..dialogs import ChoiceDialog, ConfirmDialog
 from ..gpus import list_gpus
 from ..messages import ShowRun
+from ..tail import JsonlTail, LogTail
 from ..widgets.image import half_blocks
 from ..widgets.plot import LossPlot
 from ..widgets.select import chosen
@@ -31,50 +31,6 @@ from ..workspace import run_engine, workspace_configs
 
 STATE_STYLE = {"running": "bold green", "finished": "cyan", "failed": "bold red", "stopped": "yellow",
                "starting": "green"}
-
-
-class LogTail:
-    """Reads only what was appended since the last call (toolong-style: one read per tick)."""
-
-    def __init__(self, path: Path, max_bytes: int = 1 << 20):
-        self.path = path
-        self.offset = 0
-        self.max_bytes = max_bytes
-        self.partial = ""
-        self.restarted = False
-
-    def read_new(self) -> list[str]:
-        try:
-            size = self.path.stat().st_size
-        except OSError:
-            return []
-        self.restarted = size < self.offset
-        if self.restarted:            # rewritten: start over
-            self.offset, self.partial = 0, ""
-        if size == self.offset:
-            return []
-        start = max(self.offset, size - self.max_bytes)    # far behind: skip to the last MiB
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            data = f.read(size - start)
-        self.offset = size
-        text = self.partial + data.decode("utf-8", errors="replace")
-        lines = text.split("\n")
-        self.partial = lines.pop()
-        return lines
-
-
-class JsonlTail(LogTail):
-    """New records of a growing .jsonl file."""
-
-    def read_records(self) -> list[dict]:
-        out = []
-        for line in self.read_new():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
 
 
 def archive_run(run: Path, work_dirs: Path) -> Path:
@@ -168,7 +124,8 @@ class RunView(Vertical):
                 f"{last['grad_norm']:.3f}  {last.get('tokens_per_s') or 0:.0f} tok/s  mem {mem}"
                 + (f"  {phase}" if phase else f"  ETA {format_eta(st.get('eta_s'))}" if state == "running" else ""))
         else:
-            self.query_one("#rv-numbers", Static).update(f"step {step}/{total or '?'}" + (f"  {phase}…" if phase else ""))
+            self.query_one("#rv-numbers", Static).update(f"step {step}/{total or '?'}"
+                                                         + (f"  {phase}…" if phase else ""))
         if self.tail is not None:
             lines = self.tail.read_new()
             if lines:
