@@ -62,7 +62,8 @@ docs: $(STAMP)
 	  cp 'test_screen_snapshot[4-120x36].svg' ../../../docs/images/chat.svg; \
 	  cp 'test_screen_snapshot[5-120x36].svg' ../../../docs/images/files.svg; \
 	  cp 'test_screen_snapshot[6-120x36].svg' ../../../docs/images/data.svg; \
-	  cp 'test_compare_snapshot[120x36].svg' ../../../docs/images/compare.svg
+	  cp 'test_compare_snapshot[120x36].svg' ../../../docs/images/compare.svg; \
+	  cp 'test_gpus_snapshot[120x36].svg' ../../../docs/images/gpus.svg
 	@echo "docs/recipes.md and docs/images/ rewritten"
 
 clean:
