@@ -28,6 +28,9 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   tunedeck_eager, tunedeck_sdpa (ask with --only): tunedeck without torch.compile (and so with Liger's
               kernels), with SDPA instead of FlexAttention -- one lever each
   plain_fused, plain_flex (ask with --only): tunedeck_plain with the fused LoRA layers, with FlexAttention
+  unsloth, unsloth_dropout0 (ask with --only): Unsloth (bench/unsloth_loop.py) on the same model, LoRA,
+              rows and optimizer, at the recipe's dropout and at 0 (its fast path), beside tunedeck and
+              tunedeck_dropout0 of the same call (goals: >= 1.3x and >= 1.0x; --merge keeps the other runs)
   tunedeck_plain, reference_bf16, reference_reseeded (ask with --only): tunedeck with peft's LoRA
               forward, no Liger, SDPA, no compile; the reference loop under bf16 autocast; the reference
               loop with other dropout masks -- to attribute curve differences
@@ -306,6 +309,10 @@ def _checkpoint_inside(layers, rng: bool) -> None:
 
 
 # ---------------------------------------------------------------- main
+def same_length(a: dict, b: dict) -> bool:       # a different step count is a different lr schedule
+    return bool(a.get("loss_curve")) and len(a["loss_curve"]) == len(b.get("loss_curve") or ())
+
+
 def curve_match(a: list[float], b: list[float]) -> dict:
     n = min(len(a), len(b))
     diffs = [abs(x - y) for x, y in zip(a[:n], b[:n])]
@@ -330,6 +337,9 @@ def main() -> None:
     ap.add_argument("--profile-step", type=int, default=0,
                     help="profile this step of every tunedeck run (TUNEDECK_PROFILE_STEP; left out of the timing)")
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs of the current result file that this call does not run again (each run "
+                         "says which call measured it; ratios are taken only within one call)")
     ap.add_argument("--reference-loop", help=argparse.SUPPRESS)   # internal: run the reference, write JSON here
     ap.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dropout-seed", type=int, help=argparse.SUPPRESS)
@@ -379,6 +389,14 @@ def main() -> None:
                     "recipe": "internlm2_chat_1_8b_qlora_self_e2: nf4 QLoRA r64/alpha16/dropout 0.1 on all linear "
                               "layers, 1024-token packed rows, batch 1 x accumulative_counts 16, grad ckpt, "
                               "random-init InternLM2-1.8B shape", "runs": {}}
+    call = time.strftime("%Y-%m-%dT%H:%M:%S")
+    result["call"] = call
+    current = REPO / "bench/results" / f"train_throughput_{slug}.json"
+    if args.merge and current.is_file():
+        kept = json.loads(current.read_text()).get("runs", {})
+        for r in kept.values():
+            r.setdefault("call", "earlier")
+        result["runs"] = {n: r for n, r in kept.items() if n not in only}
     runs: dict = result["runs"]
     acc2 = str(16 // max(1, args.gpus))
     share = str(16 // max(2, args.gpus))     # one rank's share of a multi-GPU step (of 2 GPUs when --gpus 1)
@@ -404,6 +422,8 @@ def main() -> None:
         "plain_flex": ("tp_plain_flex", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
                                          "model.attn_implementation=flex_attention", "model.compile=off"], 1, None),
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
+        # the recipe at dropout 0, beside unsloth_dropout0 (Unsloth's fast path)
+        "tunedeck_dropout0": ("tp_dropout0", [f"max_steps={args.steps}", "lora.dropout=0"], 1, None),
         "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),
         "ddp": ("tp_ddp", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, None),
         # (ask with --only) ZeRO-2 with overlap_comm / contiguous_gradients on, as before their "auto"
@@ -422,6 +442,15 @@ def main() -> None:
                                   + [x for kv in args.set for x in ("--set", kv)],
                                   cwd=REPO, capture_output=True, text=True, timeout=900)
             runs[name] = (json.loads(ref_out.read_text()) if proc.returncode == 0
+                          else {"error": (proc.stdout + proc.stderr)[-3000:]})
+        elif name in ("unsloth", "unsloth_dropout0"):
+            out = Path(f"/tmp/ft/{name}.json")
+            extra = (["--dropout", "0"] if name.endswith("dropout0") else []) + [
+                x for kv in args.set for x in ("--set", kv)]
+            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("unsloth_loop.py")), str(out),
+                                   "--steps", str(args.steps)] + extra,
+                                  cwd=REPO, capture_output=True, text=True, timeout=900)
+            runs[name] = (json.loads(out.read_text()) if proc.returncode == 0
                           else {"error": (proc.stdout + proc.stderr)[-3000:]})
         elif name in plans and (args.gpus > 1 or name not in MULTI_GPU):
             work, sets, gpus, ds, *env = plans[name]
@@ -442,6 +471,8 @@ def main() -> None:
                     (d / f"profile_{name}_{prof.name}").write_text(prof.read_text())
         else:
             continue
+        runs[name]["call"] = call
+        runs[name].setdefault("transformers", transformers.__version__)
         print(name, json.dumps(runs[name]), flush=True)
         _finish(result, out_dirs, slug)
 
@@ -453,11 +484,25 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
     if td.get("tokens_per_s"):
         result["tokens_per_s"], result["peak_mem_gib"] = td["tokens_per_s"], td["peak_mem_gib"]
     for name, r in runs.items():
-        if name != "baseline" and r.get("tokens_per_s") and base.get("tokens_per_s"):
+        r.pop("ratio_tokens_per_s", None)
+        if name != "baseline" and r.get("tokens_per_s") and base.get("tokens_per_s") \
+                and r.get("call") == base.get("call"):                 # ratios within one call only
             r["ratio_tokens_per_s"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-    def same_length(a: dict, b: dict) -> bool:   # a different step count is a different lr schedule
-        return bool(a.get("loss_curve")) and len(a["loss_curve"]) == len(b.get("loss_curve") or ())
-
+    # Unsloth beside tunedeck, each pair from one call; the goals said as met or MISSED
+    goals = {}
+    for ours, theirs, goal in (("tunedeck", "unsloth", 1.3), ("tunedeck_dropout0", "unsloth_dropout0", 1.0)):
+        a, b = runs.get(ours, {}), runs.get(theirs, {})
+        if a.get("tokens_per_s") and b.get("tokens_per_s") and a.get("call") == b.get("call"):
+            ratio = round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+            result[f"{ours}_vs_{theirs}_tokens_per_s"] = ratio
+            goals[f"{ours} >= {goal}x {theirs}"] = "met" if ratio >= goal else f"MISSED ({ratio}x)"
+            if same_length(a, b):
+                match = curve_match(a["loss_curve"], b["loss_curve"])
+                result[f"curve_{ours}_vs_{theirs}"] = match
+        elif b.get("error"):
+            goals[f"{ours} >= {goal}x {theirs}"] = f"not measured: {theirs} failed"
+    if goals:
+        result["unsloth_goals"] = goals
     il2 = runs.get("tunedeck_internlm2", {})
     if il2.get("tokens_per_s") and td.get("tokens_per_s"):
         # both steps hold the same tokens (16 packed 1024-token rows); the median step is the layout's cost,
@@ -484,6 +529,9 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
                      f"{r.get('ratio_tokens_per_s', '-'):>12}")
     result["table"] = lines
     print("\n".join(lines), flush=True)
+    for goal, state in result.get("unsloth_goals", {}).items():
+        print(f"{'met   ' if state == 'met' else 'MISSED'}  {goal}" + ("" if state == "met" else f": {state}"),
+              flush=True)
     text = json.dumps(result, ensure_ascii=False, indent=1)
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)
