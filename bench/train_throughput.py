@@ -15,7 +15,9 @@ What runs, each in its own process (clean GPU memory), on a random-init InternLM
   tunedeck_internlm2  the same on the 1.8B shape laid out as internlm2-chat-1_8b ships (InternLM2 names,
               wqkv fused, its own config and tokenizer.model), loaded through tunedeck's native conversion:
               it must train as fast as the Llama-layout stand-in (internlm2_vs_llama_tokens_per_s)
-  low_memory  the same with `train.low_memory: true`
+  low_memory  the same with `train.low_memory: true` (the <= 3.2 GiB preset)
+  tunedeck_recompute_all (ask with --only) the same with model.checkpoint_layers: all (the <= 12 GiB preset:
+              every layer recomputes; the default, auto, keeps activations where the GPU has room)
   zero2       (--gpus 2) `tunedeck train --gpus 2 --deepspeed zero2`, accumulative_counts halved so the
               global batch (and the loss curve) stays the recipe's
   ddp         (--gpus 2) the same with plain PyTorch DDP
@@ -422,6 +424,10 @@ def main() -> None:
         "plain_flex": ("tp_plain_flex", [f"max_steps={args.steps}", "model.fused_lora=off", "model.liger_kernels=off",
                                          "model.attn_implementation=flex_attention", "model.compile=off"], 1, None),
         "low_memory": ("tp_lowmem", [f"max_steps={args.low_memory_steps}", "train.low_memory=true"], 1, None),
+        # the <= 12 GiB preset: every layer recomputes (model.checkpoint_layers: auto keeps activations where
+        # the GPU has room)
+        "tunedeck_recompute_all": ("tp_recompute_all", [f"max_steps={args.steps}", "model.checkpoint_layers=all"],
+                                   1, None),
         # the recipe at dropout 0, beside unsloth_dropout0 (Unsloth's fast path)
         "tunedeck_dropout0": ("tp_dropout0", [f"max_steps={args.steps}", "lora.dropout=0"], 1, None),
         "zero2": ("tp_zero2", [f"max_steps={args.multi_steps}", f"accumulative_counts={acc2}"], args.gpus, "zero2"),

@@ -164,3 +164,56 @@ def test_compiled_layers_under_checkpointing_keep_what_eager_checkpointing_keeps
     eager = saved_bytes(False, True)
     assert saved_bytes(True, True) == eager
     assert saved_bytes(False, False) > 2 * eager                         # checkpointing really saves memory
+
+
+def test_checkpoint_layers_plan_from_free_memory():
+    from types import SimpleNamespace
+
+    from engine.model.recompute import HEADROOM_BYTES, SAFETY, layer_activation_bytes, plan_recompute
+
+    cfg = SimpleNamespace(hidden_size=2048, intermediate_size=8192)           # InternLM2-1.8B
+    per = layer_activation_bytes(cfg, 1024)
+    assert per == 1024 * (14 * 2048 + 6 * 8192) * 2                            # about 159 MB a layer
+    assert plan_recompute("auto", 24, per, 130 << 30) == 0                    # an H200: every layer keeps
+    room = HEADROOM_BYTES + int(10 * per * SAFETY)                             # room for 10 layers
+    assert plan_recompute("auto", 24, per, room) == 14
+    assert plan_recompute("auto", 24, per, 1 << 30) == 24                     # tight: all recompute
+    assert plan_recompute("auto", 24, per, None) == 24                        # the CPU: as before
+    assert plan_recompute("all", 24, per, 130 << 30) == 24
+    assert plan_recompute(6, 24, per, None) == 6 and plan_recompute(99, 24, per, None) == 24
+
+
+def test_layers_that_keep_activations_give_the_same_gradients_with_more_memory(tiny_model):
+    """checkpoint_layers changes memory, never the math: a layer that keeps its activations gives the
+    gradients of one that recomputes, and autograd really keeps more for it."""
+    from engine.model.loading import attach_lora, load_model, pick_precision
+    from engine.model.recompute import apply_recompute, decoder_layers
+
+    def run(recompute: int) -> tuple[int, list[torch.Tensor]]:
+        model = load_model(str(tiny_model), quantization="4bit", precision=pick_precision(device="cpu"))
+        torch.manual_seed(0)
+        model = attach_lora(model, r=8, alpha=16, dropout=0.0, target_modules="all-linear", bias="none",
+                            quantized=True, gradient_checkpointing=True)
+        model.train()
+        layers = decoder_layers(model)
+        assert len(layers) == 2
+        apply_recompute(layers, recompute)
+        assert [layer.gradient_checkpointing for layer in layers] == [i < recompute for i in range(2)]
+        ids = torch.randint(0, 200, (2, 64), generator=torch.Generator().manual_seed(0))
+        total = [0]
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return total[0], [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    all_bytes, all_grads = run(2)
+    half_bytes, half_grads = run(1)
+    none_bytes, none_grads = run(0)
+    assert all_bytes < half_bytes < none_bytes
+    for a, b, c in zip(all_grads, half_grads, none_grads):
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)

@@ -164,9 +164,10 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> l
     from its Philox state (functionalize_rng_ops) a step was slower than with the checkpoint outside."""
     import torch._dynamo
 
+    from engine.model.recompute import decoder_layers
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kinds = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in base.modules() if type(m).__name__ in kinds]
+    layers = decoder_layers(model)
     if layers:
         torch._dynamo.config.suppress_errors = True
         # sizes are symbolic, but a one-row forward (a short last window) still gets a graph of its own

@@ -44,6 +44,11 @@ class ModelSection(_Section):
         True, description="Quantize the 4-bit quantization constants again (saves ~0.4 bit a weight).")
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward: far less memory, about 30% more compute.")
+    checkpoint_layers: str | int = Field(
+        "auto", description="With gradient_checkpointing: how many decoder layers recompute (the others keep "
+                            "their activations: faster, more memory). auto = on a GPU, keep them in as many "
+                            "layers as its free memory allows with room to spare; all = every layer recomputes "
+                            "(the least memory); a number N = the first N layers. train.low_memory means all.")
     liger_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (the same math, less memory "
                             "traffic); auto = on a GPU when liger-kernel is installed and knows the model.")
@@ -57,6 +62,22 @@ class ModelSection(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
         "auto", description="Attention kernel; auto = flex_attention for packed rows on a GPU, else sdpa. "
                             "Packed samples stay isolated with all three.")
+
+
+    @field_validator("checkpoint_layers")
+    @classmethod
+    def _checkpoint_layers(cls, v: str | int) -> str | int:
+        if isinstance(v, bool):
+            raise ValueError("must be auto, all or a number of layers")
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("must be auto, all or a number of layers (0 or more)")
+            return v
+        if v.strip().isdigit():
+            return int(v)
+        if v.strip() in ("auto", "all"):
+            return v.strip()
+        raise ValueError("must be auto, all or a number of layers")
 
 
 class LoraSection(_Section):

@@ -131,6 +131,22 @@ class Trainer:
         if self.device.type == "cuda":   # peak memory of training, not of loading
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    recompute_layers: int | None = None      # decoder layers that recompute in backward (the rest keep)
+    n_decoder_layers = 0
+
+    def _plan_recompute(self, model: Any, precision: Precision) -> None:
+        """model.checkpoint_layers: which layers recompute, from the GPU's free memory when auto."""
+        from engine.model.recompute import apply_recompute, decoder_layers, layer_activation_bytes, plan_recompute
+
+        r = self.recipe
+        layers = decoder_layers(model)
+        setting = "all" if r.train.low_memory else r.model.checkpoint_layers
+        free = torch.cuda.mem_get_info(self.local_rank)[0] if precision.device == "cuda" else None
+        per_layer = layer_activation_bytes(model.config, r.train.batch_size * r.data.max_length)
+        self.recompute_layers = plan_recompute(setting, len(layers), per_layer, free)
+        self.n_decoder_layers = len(layers)
+        apply_recompute(layers, self.recompute_layers)
+
     def _phase(self, phase: str | None) -> None:
         """What setup (or the first step) is doing, in status.json for `tunedeck runs` and the app."""
         if self.rank == 0:
@@ -230,6 +246,8 @@ class Trainer:
             from engine.model.loading import compile_decoder_layers
 
             self.compiled_layers = compile_decoder_layers(model)
+        if r.model.gradient_checkpointing:
+            self._plan_recompute(model, precision)
         model.train()        # from_pretrained hands it over in eval mode: no dropout, no checkpointing
         self.device = torch.device(f"cuda:{self.local_rank}" if precision.device == "cuda" else "cpu")
         if r.train.low_memory and precision.device == "cuda":
@@ -561,7 +579,9 @@ class Trainer:
                  (", Liger kernels" if getattr(self, "liger", False) else "")
                  + (f", {self.fused_lora} fused LoRA layers" if self.fused_lora else "")
                  + (f", {len(self.compiled_layers)} compiled decoder layers" if self.compiled_layers else "")
-                 + (f", {self.attn} attention" if getattr(self, "attn", "auto") != "auto" else ""))
+                 + (f", {self.attn} attention" if getattr(self, "attn", "auto") != "auto" else "")
+                 + (f", {self.recompute_layers} of {self.n_decoder_layers} layers recompute"
+                    if self.recompute_layers is not None else ""))
         log.info("plan: %d steps (%d per epoch x %s epochs), %d micro-batches of %d per step, %d rank(s)",
                  self.total_steps, self.steps_per_epoch, self.recipe.train.max_epochs,
                  self.recipe.train.accumulative_counts, self.recipe.train.batch_size, self.world)
