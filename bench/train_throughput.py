@@ -509,8 +509,11 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
             goals[f"{ours} >= {goal}x {theirs}"] = f"not measured: {theirs} failed"
     if goals:
         result["unsloth_goals"] = goals
+    for key in [k for k in result if k.startswith(("internlm2_vs_llama", "curve_vs_reference", "curve_tunedeck_vs"))
+                or k.endswith(("_scaling_vs_one_gpu", "_curve_vs_one_gpu"))]:
+        del result[key]              # taken again below, from runs of one call
     il2 = runs.get("tunedeck_internlm2", {})
-    if il2.get("tokens_per_s") and td.get("tokens_per_s"):
+    if il2.get("tokens_per_s") and td.get("tokens_per_s") and il2.get("call") == td.get("call"):
         # both steps hold the same tokens (16 packed 1024-token rows); the median step is the layout's cost,
         # the mean also carries one-off stalls (a recompile at an epoch's short last window, whose step
         # depends on how each tokenizer split the data)
@@ -518,16 +521,18 @@ def _finish(result: dict, out_dirs: list[Path], slug: str) -> None:
         result["internlm2_vs_llama_median_step"] = round(td["median_step_s"] / il2["median_step_s"], 3)
         result["internlm2_vs_llama_within_3_percent"] = abs(result["internlm2_vs_llama_median_step"] - 1) <= 0.03
     for name in MULTI_GPU:
-        if runs.get(name, {}).get("tokens_per_s") and td.get("tokens_per_s"):
+        multi = runs.get(name, {})
+        if multi.get("tokens_per_s") and td.get("tokens_per_s") and multi.get("call") == td.get("call"):
             result[f"{name}_scaling_vs_one_gpu"] = round(runs[name]["tokens_per_s"] / td["tokens_per_s"], 2)
             if same_length(runs[name], td):
                 result[f"{name}_curve_vs_one_gpu"] = curve_match(runs[name]["loss_curve"], td["loss_curve"])
     ref = runs.get("reference", {})
     if ref.get("loss_curve"):
         result["curve_vs_reference"] = {n: curve_match(r["loss_curve"], ref["loss_curve"]) for n, r in runs.items()
-                                        if same_length(r, ref) and n != "reference" and n != "baseline"}
+                                        if same_length(r, ref) and n != "reference" and n != "baseline"
+                                        and r.get("call") == ref.get("call")}
     ref16 = runs.get("reference_bf16", {})
-    if same_length(td, ref16):
+    if same_length(td, ref16) and td.get("call") == ref16.get("call"):
         result["curve_tunedeck_vs_reference_bf16"] = curve_match(td["loss_curve"], ref16["loss_curve"])
     lines = [f"{'run':<12}{'tokens/s':>10}{'peak GiB':>10}{'x baseline':>12}   ({result['gpu']})"]
     for name, r in runs.items():

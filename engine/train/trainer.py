@@ -142,7 +142,10 @@ class Trainer:
         layers = decoder_layers(model)
         setting = "all" if r.train.low_memory else r.model.checkpoint_layers
         free = torch.cuda.mem_get_info(self.local_rank)[0] if precision.device == "cuda" else None
-        per_layer = layer_activation_bytes(model.config, r.train.batch_size * r.data.max_length)
+        t = r.train        # the rows of one forward: the whole window on a GPU unless rows_per_forward says
+        rows = t.rows_per_forward or (t.batch_size * t.accumulative_counts if precision.device == "cuda"
+                                      else t.batch_size)
+        per_layer = layer_activation_bytes(model.config, rows * r.data.max_length)
         self.recompute_layers = plan_recompute(setting, len(layers), per_layer, free)
         self.n_decoder_layers = len(layers)
         apply_recompute(layers, self.recompute_layers)
