@@ -50,6 +50,8 @@ def test_every_field_has_help_and_the_seed_fields_exist():
     ("optim_type=sgd", "train.optim_type: 'sgd' is not allowed"),
     ("warmup_ratio=2", "train.warmup_ratio: 2 is not allowed"),
     ("no_such_key=1", "no_such_key: unknown key"),
+    ("checkpoint_layers=most", "model.checkpoint_layers: 'most' is not allowed: must be auto, all or a number"),
+    ("checkpoint_layers=-1", "model.checkpoint_layers: -1 is not allowed"),
 ])
 def test_bad_value_is_one_clear_line_and_exit_2(setting, expect, capsys, workspace):
     rc = run_cli("train", "demo.yaml", "--set", setting)
