@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from engine.cli.common import add_set, add_verb
 from engine.core.constants import DEEPSPEED_CHOICES
+from engine.core.errors import UserError
 
 
 def register(sub) -> None:
@@ -36,7 +38,41 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="with --resume: go on even though the recipe differs from the run's own config.yaml, or "
                         "from a checkpoint that later ones came after (they are replaced)")
+    nodes = p.add_argument_group("several machines (run the same command on every node; --work-dir on a shared "
+                                 "filesystem)")
+    nodes.add_argument("--nnodes", type=int, help="how many machines train together (default: $NNODES, else 1)")
+    nodes.add_argument("--node-rank", type=int, help="this machine's number, 0 on the first (default: $NODE_RANK)")
+    nodes.add_argument("--master-addr", help="the first node's address every node reaches (default: $MASTER_ADDR)")
+    nodes.add_argument("--master-port", type=int,
+                       help="its port for the rendezvous (default: $MASTER_PORT, else 29500)")
+    nodes.add_argument("--rdzv-id", help="torchrun's rendezvous id, the same on every node (default: one made from "
+                                         "--work-dir, address, port and --nnodes)")
+    nodes.add_argument("--rdzv-endpoint", help="torchrun's c10d rendezvous endpoint HOST:PORT (default: "
+                                               "--master-addr:--master-port)")
+    nodes.add_argument("--max-restarts", type=int, help="torchrun's restarts of a failed node's ranks (default: 0)")
+    nodes.add_argument("--hostfile", help="with --deepspeed: DeepSpeed's hostfile ('HOST slots=GPUS' a line); its "
+                                          "launcher starts every host from here")
     p.set_defaults(verb_handler=train)
+
+    p = add_verb(sub, "slurm", "write an sbatch script that trains a recipe on several nodes (srun + torchrun)",
+                 "tunedeck slurm my_recipe.yaml --nodes 2 --gpus-per-node 8",
+                 "tunedeck slurm my_recipe.yaml --nodes 4 --gpus-per-node 4 --partition gpu --time 12:00:00 "
+                 "-o train.sbatch")
+    p.add_argument("config", help="a recipe file or a built-in recipe name")
+    p.add_argument("--nodes", type=int, required=True, help="machines to train on")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs of each machine")
+    p.add_argument("--work-dir", help="the run directory, on a shared filesystem (default: work_dirs/<recipe name>)")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--time", dest="time_limit", help="Slurm time limit, e.g. 12:00:00")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs of each node's task")
+    p.add_argument("--job-name", help="Slurm job name (default: the recipe's name)")
+    p.add_argument("--master-port", type=int, default=29500, help="the rendezvous port on the head node")
+    p.add_argument("--deepspeed", metavar="CONFIG", help="train under DeepSpeed: " + " | ".join(DEEPSPEED_CHOICES[1:]))
+    add_set(p)
+    p.add_argument("-o", "--output", help="the script's file (default: <recipe name>.sbatch; an existing file is "
+                                          "kept unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite --output")
+    p.set_defaults(verb_handler=slurm)
 
     p = add_verb(sub, "runs", "list runs with their state, progress, loss and ETA",
                  "tunedeck runs", "tunedeck runs --json")
@@ -70,11 +106,18 @@ def worker_parser() -> argparse.ArgumentParser:
 
 
 def train(args) -> int:
+    from engine.train.multinode import nodes_from
     from engine.workflow.train import train
 
+    nodes = nodes_from(args.nnodes, args.node_rank, args.master_addr, args.master_port, args.rdzv_id,
+                       args.rdzv_endpoint, args.max_restarts, work_dir=args.work_dir)
+    if args.hostfile:                        # DeepSpeed's launcher reads them from the environment
+        for key, value in (("MASTER_ADDR", args.master_addr), ("MASTER_PORT", args.master_port)):
+            if value:
+                os.environ[key] = str(value)
     started = train(args.config, args.overrides, work_dir=args.work_dir, resume=args.resume,
                     deepspeed=args.deepspeed, force=args.force, gpus=args.gpus, devices=args.devices,
-                    detach=args.detach)
+                    detach=args.detach, nodes=nodes, hostfile=args.hostfile)
     if args.detach:
         print(started.run_dir)
         print(f"started pid {started.pid}; follow with: tail -f {started.run_dir / 'train.log'}", file=sys.stderr)
@@ -105,6 +148,36 @@ def runs(args) -> int:
         rel = os.path.relpath(r["run"])
         shown = r["run"] if rel.startswith("..") else rel
         print(f"{shown:<40} {r['state']:<9} {prog:>11} {format_loss(r['loss']):>8} {eta:>8}  {info}")
+    return 0
+
+
+def _tunedeck_command() -> str:
+    """This tunedeck, by its absolute path when it is a script (the job's nodes may have another PATH)."""
+    argv0 = Path(sys.argv[0])
+    return str(argv0.resolve()) if argv0.name == "tunedeck" and argv0.exists() else "tunedeck"
+
+
+def slurm(args) -> int:
+    from engine.core.files import atomic_write_text
+    from engine.recipe.catalogue import recipe_stem
+    from engine.train.multinode import sbatch_script
+
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            raise UserError(f"{flag}: {value} is not allowed: must be >= 1")
+    stem = recipe_stem(Path(args.config).name, "config")
+    work_dir = args.work_dir or f"work_dirs/{stem}"
+    out = Path(args.output or f"{stem}.sbatch")
+    if out.exists() and not args.force:
+        raise UserError(f"{out}: exists; pass --force to overwrite it, or -o another file")
+    text = sbatch_script(args.config, work_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                         job_name=args.job_name or stem, partition=args.partition, time_limit=args.time_limit,
+                         cpus_per_task=args.cpus_per_task, port=args.master_port, overrides=args.overrides,
+                         deepspeed=args.deepspeed, tunedeck=_tunedeck_command())
+    Path(work_dir).parent.mkdir(parents=True, exist_ok=True)      # where Slurm writes the job's output
+    atomic_write_text(out, text)
+    print(f"wrote {out}: {args.nodes} nodes x {args.gpus_per_node} GPUs into {work_dir}")
+    print(f"submit it with: sbatch {out}   (then: tunedeck runs, or squeue -u $USER)")
     return 0
 
 

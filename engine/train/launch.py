@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import UserError
+from engine.train.multinode import Nodes, deepspeed_command, torchrun_command
 from engine.train.runlock import FD_ENV as LOCK_FD_ENV
 from engine.train.runlock import LOCK_FILE, RunLock, claim
 
@@ -305,10 +307,16 @@ def start_detached(run_dir: Path, ckpt: Path | None, gpus: int = 1) -> subproces
     return proc
 
 
-def torchrun(run_dir: Path, ckpt: Path | None, gpus: int) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           *_worker_cmd(run_dir, ckpt)]
-    return subprocess.call(cmd)
+def torchrun(run_dir: Path, ckpt: Path | None, gpus: int, nodes: Nodes | None = None) -> int:
+    """The ranks of this machine under torchrun: standalone, or one node of several (c10d rendezvous)."""
+    return subprocess.call(torchrun_command(_worker_cmd(run_dir, ckpt), gpus, nodes))     # its -m form
+
+
+def deepspeed_launch(run_dir: Path, ckpt: Path | None, hostfile: str, master_addr: str | None,
+                     master_port: int | None) -> int:
+    """DeepSpeed's own launcher over the hosts of a hostfile."""
+    return subprocess.call(deepspeed_command([sys.executable, *_worker_cmd(run_dir, ckpt)], hostfile, master_addr,
+                                             master_port))
 
 
 def train_here(run_dir: Path, ckpt: Path | None = None, *,
@@ -366,7 +374,8 @@ def run_training(recipe: Recipe, run: RunDirectory, *, resume_from: Path | None 
     setup_logging(run, console, rank)
     if rank == 0:
         clean_partial(run)
-        run.write_status(state="starting", pid=os.getpid(), step=0, error=None, phase=None,
+        run.write_status(state="starting", pid=os.getpid(), host=socket.gethostname(), step=0, error=None,
+                         phase=None,
                          config_name=config_name, started=time.time(), resumed_from=str(resume_from or "") or None)
     trainer_cls = trainer_cls or Trainer
     if recipe.llava.enabled and trainer_cls is Trainer:

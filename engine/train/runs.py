@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,8 @@ class RunDirectory:
             return {"state": "unknown"}
         if st.get("state") == "starting" and not st.get("pid"):
             return st        # the launcher has not written the pid yet
-        if st.get("state") in ("running", "starting") and not pid_alive(st.get("pid")):
+        elsewhere = st.get("host") not in (None, socket.gethostname())     # rank 0 of a multi-node run
+        if st.get("state") in ("running", "starting") and not elsewhere and not pid_alive(st.get("pid")):
             st["state"] = "failed"
             st.setdefault("error", None)
             st["error"] = st["error"] or "the training process died without a word (killed?)"

@@ -417,6 +417,7 @@ class Trainer:
 
     def _train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
         """One optimizer step over a window; returns (mean loss, grad norm, tokens seen)."""
+        faults.pause("TUNEDECK_FAULT_STEP_DELAY")        # tests: steps slow enough to kill a node between
         window_rows = sum(int(b["input_ids"].shape[0]) for b in batches)
         while True:
             k = self._rows_per_forward(window_rows)

@@ -10,7 +10,8 @@ from pathlib import Path
 from engine.core.errors import UserError
 from engine.llava.train import LlavaTrainer
 from engine.recipe.schema import Recipe
-from engine.train.launch import prepare_run, release, start_detached, torchrun, train_here
+from engine.train.launch import deepspeed_launch, prepare_run, release, start_detached, torchrun, train_here
+from engine.train.multinode import Nodes, wait_for_shared_run
 from engine.train.runlock import RunLock, claim
 from engine.train.trainer import Trainer
 
@@ -42,15 +43,35 @@ class Started:
 
 def train(config: str, overrides: list[str], *, work_dir: str | None = None, resume: str | None = None,
           deepspeed: str | None = None, force: bool = False, gpus: int | None = None, devices: str | None = None,
-          detach: bool = False) -> Started:
+          detach: bool = False, nodes: Nodes | None = None, hostfile: str | None = None) -> Started:
     """Prepare a run of ``config`` and train it: detached (returns at once with the worker's pid), under
-    torchrun for several GPUs, or here."""
+    torchrun for several GPUs or as one node of several, through DeepSpeed's launcher over a hostfile,
+    or here."""
     chosen = parse_devices(devices)
-    gpus = gpus if gpus is not None else (len(chosen) if chosen else 1)
+    gpus = gpus if gpus is not None else (len(chosen) if chosen else int(os.environ.get("NPROC_PER_NODE", 1)
+                                                                          if nodes else 1))
     if gpus < 1:
         raise UserError(f"--gpus: {gpus} is not allowed: must be >= 1")
     if chosen is not None and gpus > len(chosen):
         raise UserError(f"--gpus: {gpus} is more than the {len(chosen)} GPU(s) in --devices {devices}")
+    if (nodes or hostfile) and detach:
+        raise UserError("--detach: not with several nodes; start each node's command under Slurm, tmux or nohup")
+    if hostfile and not deepspeed:
+        raise UserError("--hostfile: needs --deepspeed (DeepSpeed's launcher reads the hostfile)")
+    if hostfile and nodes:
+        raise UserError("--hostfile: not with --nnodes; DeepSpeed's launcher starts every node from this one")
+    if chosen is not None and nodes is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, chosen))
+    if nodes is not None and nodes.node_rank > 0:
+        # node 0 prepares the run directory; this node trains in it once it can see it
+        run_dir = Path(str(work_dir)).resolve()
+        wait_for_shared_run(run_dir)
+        from engine.train.runs import RunDirectory
+
+        ckpt = None
+        if resume:
+            ckpt = RunDirectory(run_dir).latest_checkpoint() if resume == "latest" else Path(resume).resolve()
+        return Started(run_dir, torchrun(run_dir, ckpt, gpus, nodes))
     run_dir, ckpt, _ = prepare_run(config, overrides, work_dir=work_dir, resume=resume, deepspeed=deepspeed,
                                    force=force)
     if chosen is not None:               # this process's children (detached worker, torchrun ranks) inherit it
@@ -61,9 +82,16 @@ def train(config: str, overrides: list[str], *, work_dir: str | None = None, res
     RunDirectory(run_dir).write_status(devices=chosen)       # None: whatever the process can see
     if detach:
         return Started(run_dir, pid=start_detached(run_dir, ckpt, gpus).pid)
-    if gpus > 1:
+    if hostfile:
         try:
-            return Started(run_dir, torchrun(run_dir, ckpt, gpus))
+            return Started(run_dir, deepspeed_launch(run_dir, ckpt, hostfile, os.environ.get("MASTER_ADDR"),
+                                                     int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT")
+                                                     else None))
+        finally:
+            release(run_dir)
+    if gpus > 1 or nodes is not None:
+        try:
+            return Started(run_dir, torchrun(run_dir, ckpt, gpus, nodes))
         finally:
             release(run_dir)
     return Started(run_dir, train_here(run_dir, ckpt, trainer_for=trainer_for))
