@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import chat, data, export, recipes, train, workspace
+from engine.cli import chat, data, export, recipes, runqueue, train, workspace
 from engine.core.errors import UserError
 
-GROUPS = (recipes, data, train, chat, export, workspace)
+GROUPS = (recipes, data, train, runqueue, chat, export, workspace)
 
 
 def _version() -> str:
@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     # the libraries' deprecation notices are for tunedeck's authors, not for the console
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch)(\.|$)")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["_queue-scheduler"]:          # the queue's own process (not a verb people type)
+        import logging
+
+        from engine.workflow.queue import run_scheduler
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        return run_scheduler(Path(argv[1]))
     if argv[:1] == ["_worker"]:
         args = train.worker_parser().parse_args(argv[1:])
     else:

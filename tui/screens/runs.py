@@ -4,6 +4,7 @@ answers; stop and resume. Runs live in their own processes: quitting the app nev
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -19,6 +20,9 @@ from textual.widgets import Button, DataTable, Log, ProgressBar, Select, Sparkli
 from engine.core.constants import DEEPSPEED_CHOICES
 from engine.core.errors import UserError
 from engine.train.runs import RunDirectory, find_runs, format_eta, format_loss
+from engine.workflow.queue import add as add_to_queue
+from engine.workflow.queue import ensure_scheduler, read_queue, set_paused
+from engine.workflow.queue import remove as remove_queued
 
 from ..dialogs import ChoiceDialog, ConfirmDialog
 from ..gpus import list_gpus
@@ -94,6 +98,22 @@ class RunView(Vertical):
         self.query_one("#rv-eval-image", Static).display = False
         self._eval_image = None
         self.refresh_view()
+
+    def show_entry(self, entry: dict, queue: dict) -> None:
+        """A queued entry: what it waits for, or why it did not start."""
+        self.run = None
+        state = "paused" if queue.get("paused") and entry["state"] == "waiting" else entry["state"]
+        title = Text.assemble((Path(entry["config"]).stem, "bold"), "  ", (f"queued, {state}", "magenta"))
+        if entry.get("error"):
+            title.append(f"\n{entry['error']}", style="red")
+        self.query_one("#rv-title", Static).update(title)
+        gpus = ",".join(map(str, entry["devices"])) if entry.get("devices") else f"any {entry['gpus']}"
+        self.query_one("#rv-numbers", Static).update(
+            f"GPUs: {gpus}  added {time.strftime('%H:%M', time.localtime(entry['added']))}  "
+            "d takes it out of the queue; ctrl+p: pause or resume the queue")
+        self.query_one("#rv-log", Log).clear()
+        self.query_one("#rv-loss", Sparkline).data = []
+        self.query_one("#rv-evals", Static).update("")
 
     def refresh_view(self) -> None:
         if self.run is None:
@@ -203,7 +223,7 @@ class RunsPane(Vertical):
     def __init__(self, workspace: Path, **kw):
         super().__init__(**kw)
         self.workspace = workspace
-        self.rows: list[Path] = []
+        self.rows: list[Path | str] = []     # a run's directory, or "queue:ID" for a queued entry
         self.marked: list[Path] = []         # runs picked for the comparison view (space), in order
         self.started: list[Path] = []        # runs this app started (quitting asks about those still running)
 
@@ -271,11 +291,15 @@ class RunsPane(Vertical):
         table = self.query_one("#runs-table", DataTable)
         runs = find_runs(self.workspace / "work_dirs")
         summaries = [r.summary(with_checkpoint=False) for r in runs]
-        signature = [(s["run"], s["state"], s["step"], s["loss"], s["phase"]) for s in summaries] + [tuple(self.marked)]
+        queue = read_queue(self.workspace)
+        waiting = [e for e in queue["entries"] if e["state"] != "started"]      # started ones are runs now
+        signature = [(s["run"], s["state"], s["step"], s["loss"], s["phase"]) for s in summaries] + [
+            tuple(self.marked), json.dumps(waiting), queue.get("paused")]
         if signature == getattr(self, "_signature", None):
             return
         self._signature = signature
         self._announce(summaries)
+        self.queue = queue
         keep = table.cursor_row
         table.clear()
         self.rows = [r.path for r in runs]
@@ -290,8 +314,19 @@ class RunsPane(Vertical):
             mark = Text(str(self.marked.index(r.path) + 1), style="bold reverse") if r.path in self.marked else ""
             table.add_row(mark, r.path.name, Text(s["state"], style=STATE_STYLE.get(s["state"], "")),
                           f"{s['step']}/{s['total_steps'] or '?'}", loss, eta, key=str(r.path))
+        for n, e in enumerate(waiting, 1):          # the queue after the runs, in its order
+            state = "paused" if queue.get("paused") and e["state"] == "waiting" else e["state"]
+            table.add_row("", Text(f"⧗ {Path(e['config']).stem}", style="dim"),
+                          Text(state, style="bold red" if state in ("failed", "unknown") else "magenta"),
+                          "-", "-", f"#{n}", key=f"queue:{e['id']}")
+            self.rows.append(f"queue:{e['id']}")
         if self.rows:
             table.move_cursor(row=min(max(keep, 0), len(self.rows) - 1))
+
+    queue: dict = {"paused": False, "entries": []}
+
+    def queue_entry(self, key: str) -> dict | None:
+        return next((e for e in self.queue["entries"] if f"queue:{e['id']}" == key), None)
 
     _states: dict[str, str] | None = None
 
@@ -320,6 +355,11 @@ class RunsPane(Vertical):
     @on(DataTable.RowHighlighted, "#runs-table")
     def row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         view = self.query_one(RunView)
+        if event.row_key is not None and str(event.row_key.value).startswith("queue:"):
+            entry = self.queue_entry(str(event.row_key.value))
+            if entry is not None:
+                view.show_entry(entry, self.queue)
+            return
         path = Path(event.row_key.value) if event.row_key is not None else None
         if path is not None and (view.run is None or view.run.path != path):
             view.show(path)
@@ -361,7 +401,13 @@ class RunsPane(Vertical):
                                            "from there.", yes="Stop"), answered)
 
     def action_delete(self) -> None:
-        """Archive (moved to work_dirs/.archive/) or delete the selected run, after asking."""
+        """Archive (moved to work_dirs/.archive/) or delete the selected run, after asking; take a queued
+        entry out of the queue."""
+        table = self.query_one("#runs-table", DataTable)
+        key = self.rows[table.cursor_row] if self.rows and 0 <= table.cursor_row < len(self.rows) else None
+        if isinstance(key, str) and key.startswith("queue:"):
+            self._remove_queued(key)
+            return
         run = self.query_one(RunView).run
         if run is None:
             return
@@ -398,12 +444,67 @@ class RunsPane(Vertical):
         self._launch(["train", str(run.config_path), "--work-dir", str(run.path), "--resume", "--detach"]
                      + (["--devices", ",".join(map(str, devices))] if devices else []), f"resuming {run.path.name}")
 
+    def _remove_queued(self, key: str) -> None:
+        entry = self.queue_entry(key)
+        if entry is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                remove_queued(self.workspace, entry["id"])
+            except UserError as e:
+                self.app.notify(str(e), severity="warning")
+                return
+            self.app.notify(f"removed {Path(entry['config']).stem} from the queue")
+            self._signature = None
+            self.refresh_runs()
+
+        self.app.push_screen(ConfirmDialog(f"Take {Path(entry['config']).stem} out of the queue?", yes="Remove"),
+                             answered)
+
+    def action_queue(self) -> None:
+        """Queue the chosen recipe: it starts when its GPUs are free (one run at a time without GPUs)."""
+        cfg = self.query_one("#start-config", Select).value
+        if not chosen(cfg) or not cfg:
+            self.app.notify("pick a workspace recipe to queue", severity="warning")
+            return
+        gpus = self.query_one("#start-gpus", Select)
+        devices = [int(x) for x in str(gpus.value).split(",")] if gpus.display and chosen(gpus.value) else None
+        ds = self.query_one("#start-deepspeed", Select).value
+        try:
+            entry = add_to_queue(self.workspace, str(cfg), devices=devices,
+                                 deepspeed=str(ds) if chosen(ds) and ds != "none" else None)
+        except UserError as e:
+            self.app.notify(str(e), severity="error")
+            return
+        self._start_scheduler()
+        self.app.notify(f"queued {Path(str(cfg)).stem} ({entry['id']}): it starts when its GPUs are free")
+        self._signature = None
+        self.refresh_runs()
+
+    @work(thread=True, group="queue", exit_on_error=False)
+    def _start_scheduler(self) -> None:
+        ensure_scheduler(self.workspace)
+
+    def action_pause_queue(self) -> None:
+        paused = not read_queue(self.workspace).get("paused")
+        set_paused(self.workspace, paused)
+        if not paused:
+            self._start_scheduler()
+        self.app.notify("queue paused: nothing new starts" if paused else "queue running again")
+        self._signature = None
+        self.refresh_runs()
+
     def action_mark(self) -> None:
         """Pick the highlighted run for the comparison view, or drop it."""
         table = self.query_one("#runs-table", DataTable)
         if not self.rows or table.cursor_row < 0:
             return
         path = self.rows[min(table.cursor_row, len(self.rows) - 1)]
+        if isinstance(path, str):          # a queued entry: nothing to compare yet
+            return
         if path in self.marked:
             self.marked.remove(path)
         else:
