@@ -53,7 +53,7 @@ def kill_tree(pid: int) -> None:
 
 def test_two_nodes_train_one_process_curve_lose_a_node_and_resume(workspace):
     port = free_port()
-    slow = {"TUNEDECK_FAULT_STEP_DELAY": "1.5"}          # time to lose a node after the first checkpoint
+    slow = {"TUNEDECK_FAULT_STEP_DELAY": "0.8"}          # time to lose a node after the first checkpoint
     nodes = [node(workspace, 0, port, env=slow), node(workspace, 1, port, env=slow)]
     run = RunDirectory(workspace / "nodes")
     try:

@@ -84,7 +84,7 @@ def test_an_entry_left_starting_is_never_launched_again(tmp_path):
 
 def test_the_scheduler_survives_kill_9_and_starts_each_run_once(workspace, capsys):
     quick = ["--set", "max_steps=2", "--set", "evaluation_inputs=[]", "--set", "save_steps=100"]
-    env_slow = {"TUNEDECK_FAULT_STEP_DELAY": "1.5"}
+    env_slow = {"TUNEDECK_FAULT_STEP_DELAY": "0.8", "TUNEDECK_QUEUE_INTERVAL_S": "0.3"}
     os.environ.update(env_slow)                     # the runs the scheduler starts inherit it
     try:
         assert run_cli("queue", "add", "demo.yaml", *quick) == 0

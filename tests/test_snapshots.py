@@ -63,7 +63,7 @@ async def still(pilot) -> None:
 
     for tab, _ in TABS:
         await pilot.app.pane(tab)
-    await pilot.pause(1.0)
+    await pilot.pause(0.5)
     await pilot.wait_for_scheduled_animations()
     for w in pilot.app.query(Input):
         w.cursor_blink = False

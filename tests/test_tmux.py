@@ -36,7 +36,7 @@ class Terminal:
     def keys(self, *keys: str) -> None:
         for k in keys:
             subprocess.run(["tmux", "send-keys", "-t", self.session, k], check=True)
-            time.sleep(0.3)
+            time.sleep(0.2)
 
     def type(self, text: str) -> None:
         subprocess.run(["tmux", "send-keys", "-t", self.session, "-l", text], check=True)

@@ -221,9 +221,10 @@ def scheduler_pid(workspace: Path) -> int | None:
     return pid if pid and pid_alive(pid) else None
 
 
-def run_scheduler(workspace: Path, interval_s: float = 2.0, gpus: Callable[[], list[Gpu] | None] = nvml_gpus,
+def run_scheduler(workspace: Path, interval_s: float | None = None, gpus: Callable[[], list[Gpu] | None] = nvml_gpus,
                   until_empty: bool = False) -> int:
     """The scheduler's loop (one per workspace: a second one exits at once)."""
+    interval_s = interval_s or float(os.environ.get("TUNEDECK_QUEUE_INTERVAL_S", "2"))
     lock = scheduler_lock(workspace)
     if not lock.acquire():
         return 0
