@@ -32,7 +32,8 @@ def node(workspace: Path, rank: int, port: int, *extra: str, env: dict | None = 
     return subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "demo.yaml", "--work-dir", "nodes",
                              "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
                              "--master-port", str(port), "--gpus", "1", "--set", "batch_size=1", *COMMON, *extra],
-                            cwd=workspace, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            cwd=workspace, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                "TUNEDECK_NODE_EXIT_GRACE_S": "3", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -69,7 +70,7 @@ def test_two_nodes_train_one_process_curve_lose_a_node_and_resume(workspace):
         for p in nodes:
             if p.poll() is None:
                 kill_tree(p.pid)
-    assert run.latest_checkpoint().name == "checkpoint-2" and run.status()["state"] == "failed"
+    assert run.latest_checkpoint().name == "checkpoint-2" and run.status()["state"] == "failed", run.status()
 
     port = free_port()                                     # both nodes again, resuming
     nodes = [node(workspace, 0, port, "--resume"), node(workspace, 1, port, "--resume")]

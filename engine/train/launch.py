@@ -309,7 +309,39 @@ def start_detached(run_dir: Path, ckpt: Path | None, gpus: int = 1) -> subproces
 
 def torchrun(run_dir: Path, ckpt: Path | None, gpus: int, nodes: Nodes | None = None) -> int:
     """The ranks of this machine under torchrun: standalone, or one node of several (c10d rendezvous)."""
-    return subprocess.call(torchrun_command(_worker_cmd(run_dir, ckpt), gpus, nodes))     # its -m form
+    cmd = torchrun_command(_worker_cmd(run_dir, ckpt), gpus, nodes)        # the worker in its -m form
+    if nodes is None:
+        return subprocess.call(cmd)
+    return _node_agent(subprocess.Popen(cmd), run_dir)
+
+
+def _node_agent(proc: subprocess.Popen, run_dir: Path) -> int:
+    """Wait for this node's torchrun agent. When the node hosting the rendezvous store exits first, the
+    other agents can wait for it at torchrun's exit barrier for minutes; once rank 0 has written the
+    run's final state and this node's agent has had TUNEDECK_NODE_EXIT_GRACE_S to leave on its own, it
+    is ended and the run's state decides the exit status."""
+    from engine.train.runs import RunDirectory
+
+    grace = float(os.environ.get("TUNEDECK_NODE_EXIT_GRACE_S", "60"))
+    started = time.time()
+    while True:
+        try:
+            return proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        st = RunDirectory(run_dir).status()
+        ended = st.get("state") in ("finished", "stopped", "failed") and float(st.get("finished") or 0) > started
+        if ended and time.time() - float(st["finished"]) > grace:
+            log.warning("torchrun's agent on this node is still waiting %.0f s after the run %s; ending it",
+                        grace, st["state"])
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            print(f"{st['state']}: {run_dir} (this node's torchrun agent was ended after the run)", file=sys.stderr)
+            return 0 if st["state"] in ("finished", "stopped") else 1
 
 
 def deepspeed_launch(run_dir: Path, ckpt: Path | None, hostfile: str, master_addr: str | None,
