@@ -36,7 +36,7 @@ class Nodes:
         return self.rdzv_endpoint or f"{self.master_addr}:{self.master_port}"
 
 
-def _int(name: str, value: str | int | None, low: int) -> int | None:
+def positive_int(name: str, value: str | int | None, low: int) -> int | None:
     if value is None or value == "":
         return None
     try:
@@ -51,10 +51,10 @@ def _int(name: str, value: str | int | None, low: int) -> int | None:
 def nodes_from(nnodes=None, node_rank=None, master_addr=None, master_port=None, rdzv_id=None, rdzv_endpoint=None,
                max_restarts=None, work_dir: str | None = None, env=os.environ) -> Nodes | None:
     """The command line's settings, else the environment's; None for one machine."""
-    n = _int("--nnodes", nnodes if nnodes is not None else env.get("NNODES"), 1)
+    n = positive_int("--nnodes", nnodes if nnodes is not None else env.get("NNODES"), 1)
     if n is None or n == 1:
         return None
-    rank = _int("--node-rank", node_rank if node_rank is not None else env.get("NODE_RANK"), 0)
+    rank = positive_int("--node-rank", node_rank if node_rank is not None else env.get("NODE_RANK"), 0)
     if rank is None:
         raise UserError(f"--nnodes {n}: give --node-rank (0 on the first node, 1 … {n - 1} on the others)")
     if rank >= n:
@@ -62,13 +62,13 @@ def nodes_from(nnodes=None, node_rank=None, master_addr=None, master_port=None, 
     addr = master_addr or env.get("MASTER_ADDR")
     if not addr and not rdzv_endpoint:
         raise UserError(f"--nnodes {n}: give --master-addr (the first node's address every node can reach)")
-    port = _int("--master-port", master_port if master_port is not None else env.get("MASTER_PORT"), 1) \
+    port = positive_int("--master-port", master_port if master_port is not None else env.get("MASTER_PORT"), 1) \
         or DEFAULT_PORT
     if port > 65535:
         raise UserError(f"--master-port: {port} is not allowed: must be 1 … 65535")
     if not work_dir:
         raise UserError(f"--nnodes {n}: give --work-dir, the same run directory on a filesystem every node shares")
-    restarts = _int("--max-restarts", max_restarts, 0) or 0
+    restarts = positive_int("--max-restarts", max_restarts, 0) or 0
     # the same on every node without being told: from what every node is given alike
     rid = rdzv_id or hashlib.sha1(f"{Path(work_dir).resolve()}|{addr}|{port}|{n}".encode()).hexdigest()[:12]
     return Nodes(n, rank, addr or "", port, rid, rdzv_endpoint or "", restarts)

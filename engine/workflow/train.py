@@ -11,7 +11,7 @@ from engine.core.errors import UserError
 from engine.llava.train import LlavaTrainer
 from engine.recipe.schema import Recipe
 from engine.train.launch import deepspeed_launch, prepare_run, release, start_detached, torchrun, train_here
-from engine.train.multinode import Nodes, wait_for_shared_run
+from engine.train.multinode import Nodes, positive_int, wait_for_shared_run
 from engine.train.runlock import RunLock, claim
 from engine.train.trainer import Trainer
 
@@ -48,8 +48,9 @@ def train(config: str, overrides: list[str], *, work_dir: str | None = None, res
     torchrun for several GPUs or as one node of several, through DeepSpeed's launcher over a hostfile,
     or here."""
     chosen = parse_devices(devices)
-    gpus = gpus if gpus is not None else (len(chosen) if chosen else int(os.environ.get("NPROC_PER_NODE", 1)
-                                                                          if nodes else 1))
+    if gpus is None:
+        per_node = positive_int("NPROC_PER_NODE", os.environ.get("NPROC_PER_NODE"), 1) if nodes else None
+        gpus = len(chosen) if chosen else per_node or 1
     if gpus < 1:
         raise UserError(f"--gpus: {gpus} is not allowed: must be >= 1")
     if chosen is not None and gpus > len(chosen):
