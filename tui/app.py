@@ -300,6 +300,8 @@ class TunedeckApp(App):
                 continue
             if action.startswith("quit_app") and tab in self.TYPING_TABS:
                 continue
+            if action == "find" and tab not in self.FIND:          # `/` does nothing there
+                continue
             if action.startswith("show("):
                 rows.append((b.key, f"the {dict(TABS)[action[6:-2]]} screen"))
             else:
