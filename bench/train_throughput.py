@@ -98,21 +98,12 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from engine.data.formats import load_conversations
-    from engine.data.packing import build_rows, collate, tokenize_conversations
-    from engine.data.templates import IGNORE_INDEX, resolve_template_name
-    from engine.model.loading import load_tokenizer
-    from engine.train.schedule import warmup_cosine
+    from engine.data.packing import collate
+    from engine.data.templates import IGNORE_INDEX
 
     cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(r.train.seed)
-    tok = load_tokenizer(r.model.path)
-    template = resolve_template_name(r.data.prompt_template, tok)
-    convs = load_conversations(r.data.data_path, r.data.format)
-    samples = tokenize_conversations(convs, tok, template, r.data.max_length, 0)
-    rows = build_rows(samples, r.data.max_length, r.data.pack_to_max_length, r.train.seed)
-
+    tok, rows = recipe_rows(r)
     compute = torch.bfloat16 if cuda or autocast else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         r.model.path, dtype=compute, attn_implementation="sdpa", device_map={"": 0 if cuda else "cpu"},
@@ -127,15 +118,64 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
     torch.manual_seed(r.train.seed)
     model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
                                              bias="none", task_type="CAUSAL_LM", target_modules="all-linear"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=r.train.lr, betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, r.train.warmup_ratio))
     model.train()
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
+
+    def window_loss(window: list, n: int) -> float:
+        total = 0.0
+        for s in range(0, len(window), rows_per_forward):
+            b = {k: torch.tensor(v, device=device)
+                 for k, v in collate(window[s:s + rows_per_forward], tok.pad_token_id).items()}
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                                                     reduction="sum")
+            (loss / n).backward()
+            total += float(loss)
+            del logits, loss
+        return total
+
+    res = train_windows(r, steps, rows, model, window_loss, "reference", cuda)
+    return {
+        "what": f"hand-written transformers + peft loop (baseline script's set-up, "
+                f"{'bf16 autocast' if autocast else 'no autocast'}), {rows_per_forward} rows per forward"
+                + (f", dropout reseeded with {dropout_seed}" if dropout_seed is not None else ""),
+        **{k: res[k] for k in ("tokens_per_s", "peak_mem_gib", "loss_curve", "grad_norm_curve")}}
+
+
+def recipe_rows(r) -> tuple:
+    """The tokenizer and tunedeck's packed rows of the recipe's data: the same tokens as every run."""
+    from engine.data.formats import load_conversations
+    from engine.data.packing import build_rows, tokenize_conversations
+    from engine.data.templates import resolve_template_name
+    from engine.model.loading import load_tokenizer
+
+    tok = load_tokenizer(r.model.path)
+    template = resolve_template_name(r.data.prompt_template, tok)
+    convs = load_conversations(r.data.data_path, r.data.format)
+    samples = tokenize_conversations(convs, tok, template, r.data.max_length, 0)
+    return tok, build_rows(samples, r.data.max_length, r.data.pack_to_max_length, r.train.seed)
+
+
+def train_windows(r, steps: int, rows: list, model, window_loss, label: str, cuda: bool) -> dict:
+    """The loop the hand-written runs share, as the recipe says: tunedeck's order (a seeded permutation
+    per epoch, cut into windows; the last one may be short), AdamW, warm-up + cosine, clipping.
+    ``window_loss(window, n)`` runs one window's forwards and backwards (each forward's loss weighted
+    to the window's token mean over its ``n`` trained tokens) and returns the summed token loss."""
+    import torch
+
+    from engine.data.templates import IGNORE_INDEX
+    from engine.train.schedule import warmup_cosine
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=r.train.lr, betas=tuple(r.train.betas), weight_decay=r.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, r.train.warmup_ratio))
     acc = r.train.accumulative_counts * r.train.batch_size
-    windows = []                                   # tunedeck's order: a seeded permutation per epoch,
-    epoch = 0                                      # cut into windows (the last one may be short)
+    windows: list[list[int]] = []
+    epoch = 0
     while len(windows) < steps:
         g = torch.Generator().manual_seed(r.train.seed * 1_000_003 + epoch)
         order = torch.randperm(len(rows), generator=g).tolist() if r.data.shuffle else list(range(len(rows)))
@@ -149,18 +189,7 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
         sync()
         t0 = time.perf_counter()
         n = sum(sum(1 for y in row.labels[1:] if y != IGNORE_INDEX) for row in window)
-        total = 0.0
-        for s in range(0, len(window), rows_per_forward):
-            b = {k: torch.tensor(v, device=device)
-                 for k, v in collate(window[s:s + rows_per_forward], tok.pad_token_id).items()}
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-                                                     reduction="sum")
-            (loss / n).backward()
-            total += float(loss)
-            del logits, loss
+        total = window_loss(window, n)
         norms.append(round(float(torch.nn.utils.clip_grad_norm_(
             params, r.train.max_norm if r.train.max_norm > 0 else float("inf"))), 6))
         opt.step()
@@ -169,16 +198,14 @@ def reference_loop(r, steps: int, rows_per_forward: int, autocast: bool = False,
         sync()
         times.append(time.perf_counter() - t0)
         curve.append(round(total / n, 6))
-        print(f"reference step {step + 1}: loss {curve[-1]:.4f} {times[-1]:.2f}s", flush=True)
+        print(f"{label} step {step + 1}: loss {curve[-1]:.4f} {times[-1]:.2f}s", flush=True)
     tokens = [len(w) * r.data.max_length for w in windows[:steps]]
     steady = list(range(3, steps)) or list(range(steps))
-    return {
-        "what": f"hand-written transformers + peft loop (baseline script's set-up, "
-                f"{'bf16 autocast' if autocast else 'no autocast'}), {rows_per_forward} rows per forward"
-                + (f", dropout reseeded with {dropout_seed}" if dropout_seed is not None else ""),
-        "tokens_per_s": round(sum(tokens[i] for i in steady) / sum(times[i] for i in steady)),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "loss_curve": curve, "grad_norm_curve": norms}
+    timed = sorted(times[3:] or times)
+    return {"tokens_per_s": round(sum(tokens[i] for i in steady) / sum(times[i] for i in steady)),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "first_step_s": round(times[0], 2), "median_step_s": round(timed[len(timed) // 2], 4),
+            "loss_curve": curve, "grad_norm_curve": norms}
 
 
 # ---------------------------------------------------------------- levers, one by one, in one process
