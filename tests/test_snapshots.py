@@ -71,6 +71,15 @@ async def still(pilot) -> None:
     await pilot.pause(0.3)
 
 
+async def on_runs(pilot, *keys: str) -> None:
+    """Settled, then these keys pressed on the Runs screen."""
+    await still(pilot)
+    await pilot.press("3")
+    await pilot.pause(0.3)
+    await pilot.press(*keys)
+    await pilot.pause(0.5)
+
+
 def app_for(ws: Path):
     from tui.app import TunedeckApp
 
@@ -104,11 +113,7 @@ def test_editor_snapshot(snap_compare, snapshot_workspace, size):
 def test_compare_snapshot(snap_compare, snapshot_workspace, size):
     """Runs: both runs marked with space, compared with c (the loss curves overlaid)."""
     async def compare(pilot):
-        await still(pilot)
-        await pilot.press("3")
-        await pilot.pause(0.3)
-        await pilot.press("space", "down", "space", "c")
-        await pilot.pause(0.5)
+        await on_runs(pilot, "space", "down", "space", "c")
 
     assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=compare)
 
@@ -117,11 +122,7 @@ def test_compare_snapshot(snap_compare, snapshot_workspace, size):
 @pytest.mark.parametrize("view", ["2", "3"], ids=["recipes", "answers"])
 def test_compare_tables_snapshot(snap_compare, snapshot_workspace, size, view):
     async def compare(pilot):
-        await still(pilot)
-        await pilot.press("3")
-        await pilot.pause(0.3)
-        await pilot.press("space", "down", "space", "c")
-        await pilot.pause(0.5)
+        await on_runs(pilot, "space", "down", "space", "c")
         await pilot.press(view)
         await pilot.pause(0.3)
 
@@ -131,11 +132,7 @@ def test_compare_tables_snapshot(snap_compare, snapshot_workspace, size, view):
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
 def test_log_viewer_snapshot(snap_compare, snapshot_workspace, size):
     async def log(pilot):
-        await still(pilot)
-        await pilot.press("3")
-        await pilot.pause(0.3)
-        await pilot.press("l")
-        await pilot.pause(0.5)
+        await on_runs(pilot, "l")
         await pilot.press("slash", *"loss 0.3", "enter")
         await pilot.pause(0.3)
 
