@@ -126,6 +126,20 @@ def test_step_collector_collects_between_steps_not_inside_them(monkeypatch):
         gc.callbacks.remove(note)
 
 
+def saved_by_forward(model, ids: torch.Tensor) -> int:
+    """The bytes autograd keeps during one forward for its backward (the backward then runs)."""
+    total = [0]
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return total[0]
+
+
 def test_compiled_layers_under_checkpointing_keep_what_eager_checkpointing_keeps(tiny_model, monkeypatch):
     """gradient_checkpointing: true means the same memory compiled or not. transformers 5.24 checkpoints
     inside a layer's forward, so a compiled layer would carry the checkpoint into its graph, where the
@@ -147,19 +161,11 @@ def test_compiled_layers_under_checkpointing_keep_what_eager_checkpointing_keeps
         layers = compile_decoder_layers(model) if compiled else []
         ids = torch.randint(0, 200, (4, 64), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()            # compiles
-        total = [0]
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            total[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        total = saved_by_forward(model, ids)
         if layers:
             uncompile(layers)
             assert all("forward" not in vars(layer) for layer in layers)   # eager again, checkpointing included
-        return total[0]
+        return total
 
     eager = saved_bytes(False, True)
     assert saved_bytes(True, True) == eager
@@ -200,16 +206,7 @@ def test_layers_that_keep_activations_give_the_same_gradients_with_more_memory(t
         apply_recompute(layers, recompute)
         assert [layer.gradient_checkpointing for layer in layers] == [i < recompute for i in range(2)]
         ids = torch.randint(0, 200, (2, 64), generator=torch.Generator().manual_seed(0))
-        total = [0]
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            total[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return total[0], [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return saved_by_forward(model, ids), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     all_bytes, all_grads = run(2)
     half_bytes, half_grads = run(1)
