@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,56 @@ def write_run(root: Path, name: str, losses: list[float], *, lr: str = "2e-3", s
     (run / "train.log").write_text("".join(f"step {s}/20  loss {s:.4f}  line {s}\n" for s in range(1, log_lines + 1)))
     (run / "console.log").write_text("UserWarning: this is what the process printed to stderr\n")
     return run
+
+
+class FakeNVML(types.ModuleType):
+    """NVML as the nvidia-ml-py package presents it, for a machine with two GPUs (this one has none)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self):
+        super().__init__("pynvml")
+        self.queried: set[int] = set()
+        self.pids: dict[int, list[int]] = {}          # GPU index -> compute processes on it
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self.queried.add(handle)
+        return types.SimpleNamespace(used=(10 + handle) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return types.SimpleNamespace(gpu=87 if handle == 1 else 3)
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 61 if handle == 1 else 34
+
+    def nvmlDeviceGetPowerUsage(self, handle):          # milliwatts
+        return 512_000 if handle == 1 else 71_000
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=2**30) for p in self.pids.get(handle, [])]
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    import tui.gpus
+
+    fake = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(tui.gpus, "_nvml", None)
+    yield fake
+    tui.gpus._nvml = None

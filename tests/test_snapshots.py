@@ -140,18 +140,12 @@ def test_log_viewer_snapshot(snap_compare, snapshot_workspace, size):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x36"])
-def test_gpus_snapshot(snap_compare, snapshot_workspace, size, monkeypatch):
+def test_gpus_snapshot(snap_compare, snapshot_workspace, size, monkeypatch, two_gpus):
     """Two GPUs through a stand-in NVML; the host's CPU and memory fixed."""
-    import sys
     import types
 
     import psutil
-    from test_tui import FakeNVML
 
-    import tui.gpus
-
-    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML())
-    monkeypatch.setattr(tui.gpus, "_nvml", None)
     monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: 42.0)
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=128 * 2**30,
@@ -162,10 +156,7 @@ def test_gpus_snapshot(snap_compare, snapshot_workspace, size, monkeypatch):
         await pilot.press("7")
         await pilot.pause(0.3)
 
-    try:
-        assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=gpus)
-    finally:
-        tui.gpus._nvml = None
+    assert snap_compare(app_for(snapshot_workspace), terminal_size=size, run_before=gpus)
 
 
 def test_too_small_snapshot(snap_compare, snapshot_workspace):

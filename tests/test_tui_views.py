@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO_RECIPE, run_cli, write_run
-from test_tui import FakeNVML, built, wait_for
+from test_tui import built, wait_for
 
 SIZE = (80, 24)
 CURVE_A = [3.0, 2.5, 2.1, 1.8, 1.6, 1.5]
@@ -134,22 +134,11 @@ async def test_the_log_viewer_searches_follows_wraps_and_shows_stderr(tmp_path):
         assert not isinstance(app.screen, LogScreen)
 
 
-@pytest.fixture
-def fake_nvml(monkeypatch):
-    import tui.gpus
-
-    fake = FakeNVML()
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(tui.gpus, "_nvml", None)
-    yield fake
-    tui.gpus._nvml = None
-
-
 def table_rows(table) -> list[list[str]]:
     return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 
-async def test_the_gpu_screen_shows_each_gpu_and_which_run_holds_it(tmp_path, fake_nvml):
+async def test_the_gpu_screen_shows_each_gpu_and_which_run_holds_it(tmp_path, two_gpus):
     from textual.widgets import DataTable, Static
 
     trainer = subprocess.Popen([sys.executable, "-c", "import time, subprocess, sys; "
@@ -158,7 +147,7 @@ async def test_the_gpu_screen_shows_each_gpu_and_which_run_holds_it(tmp_path, fa
     try:
         worker = int(trainer.stdout.readline())       # a torchrun-style worker: a child of the run's process
         write_run(tmp_path, "busy", CURVE_A, state="running", pid=trainer.pid)
-        fake_nvml.pids = {1: [worker], 0: [999_999_999]}
+        two_gpus.pids = {1: [worker], 0: [999_999_999]}
         app = app_for(tmp_path)
         async with app.run_test(size=SIZE) as pilot:
             await built(pilot)
