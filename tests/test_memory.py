@@ -214,3 +214,12 @@ def test_layers_that_keep_activations_give_the_same_gradients_with_more_memory(t
     assert all_bytes < half_bytes < none_bytes
     for a, b, c in zip(all_grads, half_grads, none_grads):
         assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
+
+
+def test_the_trainer_applies_checkpoint_layers_and_says_so(workspace):
+    from conftest import run_cli
+
+    assert run_cli("train", "demo.yaml", "--work-dir", "ck", "--set", "max_steps=1", "--set", "evaluation_inputs=[]",
+                   "--set", "model.gradient_checkpointing=true", "--set", "model.checkpoint_layers=1") == 0
+    log = (workspace / "ck" / "train.log").read_text(errors="replace")
+    assert "1 of 2 layers recompute" in log

@@ -134,17 +134,16 @@ class Trainer:
     recompute_layers: int | None = None      # decoder layers that recompute in backward (the rest keep)
     n_decoder_layers = 0
 
-    def _plan_recompute(self, model: Any, precision: Precision) -> None:
-        """model.checkpoint_layers: which layers recompute, from the GPU's free memory when auto."""
+    def _plan_recompute(self, model: Any) -> None:
+        """model.checkpoint_layers: which layers recompute, from the GPU's free memory when auto (for the
+        rows of one forward, as the training steps will take them)."""
         from engine.model.recompute import apply_recompute, decoder_layers, layer_activation_bytes, plan_recompute
 
         r = self.recipe
         layers = decoder_layers(model)
         setting = "all" if r.train.low_memory else r.model.checkpoint_layers
-        free = torch.cuda.mem_get_info(self.local_rank)[0] if precision.device == "cuda" else None
-        t = r.train        # the rows of one forward: the whole window on a GPU unless rows_per_forward says
-        rows = t.rows_per_forward or (t.batch_size * t.accumulative_counts if precision.device == "cuda"
-                                      else t.batch_size)
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        rows = self._rows_per_forward(r.train.batch_size * r.train.accumulative_counts)
         per_layer = layer_activation_bytes(model.config, rows * r.data.max_length)
         self.recompute_layers = plan_recompute(setting, len(layers), per_layer, free)
         self.n_decoder_layers = len(layers)
@@ -249,10 +248,10 @@ class Trainer:
             from engine.model.loading import compile_decoder_layers
 
             self.compiled_layers = compile_decoder_layers(model)
-        if r.model.gradient_checkpointing:
-            self._plan_recompute(model, precision)
         model.train()        # from_pretrained hands it over in eval mode: no dropout, no checkpointing
         self.device = torch.device(f"cuda:{self.local_rank}" if precision.device == "cuda" else "cpu")
+        if r.model.gradient_checkpointing:
+            self._plan_recompute(model)
         if r.train.low_memory and precision.device == "cuda":
             from engine.model.memory import embedding_on_cpu
 
