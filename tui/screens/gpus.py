@@ -64,10 +64,11 @@ class GpusPane(Vertical):
         table.clear()
         holders: dict[str, list[int]] = {}
         for g in gpus:
-            runs = sorted({o for pid in g.pids if (o := process_tree_owner(pid, owners))})
+            found = [process_tree_owner(pid, owners) for pid in g.pids]       # one process-tree walk a pid
+            runs = sorted({o for o in found if o})
             for r in runs:
                 holders.setdefault(r, []).append(g.index)
-            others = len([pid for pid in g.pids if not process_tree_owner(pid, owners)])
+            others = found.count(None)
             held = ", ".join(runs + ([f"+{others} other"] if others else [])) or "-"
             util = f"{g.util_pct:>3}%" if g.util_pct is not None else "  -"
             mem = f"{bar(g.mem_used_gib / max(g.mem_total_gib, 1e-9), 6)} {g.mem_used_gib:.1f}/{g.mem_total_gib:.0f}G"
