@@ -347,8 +347,9 @@ class TunedeckApp(App):
         what = []
         if service:
             what.append(self.service.describe())
-        what += [f"the run {r.path.name} (step {r.status().get('step') or 0}/{r.status().get('total_steps') or '?'})"
-                 for r in runs]
+        for r in runs:
+            st = r.status()
+            what.append(f"the run {r.path.name} (step {st.get('step') or 0}/{st.get('total_steps') or '?'})")
         if runs and service:
             answers = [("stop", "Stop all"), ("keep-runs", "Keep runs, stop service"), ("keep", "Keep all")]
         elif runs:
