@@ -22,8 +22,8 @@ FD_ENV = "TUNEDECK_RUN_LOCK_FD"         # a detached worker's inherited lock
 
 
 class RunLock:
-    def __init__(self, run_dir: Path | str):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: Path | str, name: str = LOCK_FILE):
+        self.path = Path(run_dir) / name        # another name: the same kind of lock on another thing
         self.fd: int | None = None
 
     def acquire(self) -> bool:

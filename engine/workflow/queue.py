@@ -208,12 +208,7 @@ def recover(workspace: Path) -> None:
 def scheduler_lock(workspace: Path):
     from engine.train.runlock import RunLock
 
-    class SchedulerLock(RunLock):
-        def __init__(self, d: Path):
-            super().__init__(d)
-            self.path = d / "scheduler.lock"
-
-    return SchedulerLock(queue_dir(workspace))
+    return RunLock(queue_dir(workspace), "scheduler.lock")
 
 
 def scheduler_pid(workspace: Path) -> int | None:
