@@ -163,10 +163,10 @@ class FakeNVML(types.ModuleType):
 
 @pytest.fixture
 def two_gpus(monkeypatch):
-    import tui.gpus
+    import engine.core.gpus
 
     fake = FakeNVML()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(tui.gpus, "_nvml", None)
+    monkeypatch.setattr(engine.core.gpus, "_nvml", None)
     yield fake
-    tui.gpus._nvml = None
+    engine.core.gpus._nvml = None

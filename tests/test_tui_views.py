@@ -168,9 +168,9 @@ async def test_the_gpu_screen_shows_each_gpu_and_which_run_holds_it(tmp_path, tw
 async def test_without_a_gpu_the_gpu_screen_shows_cpu_and_memory(tmp_path, monkeypatch):
     from textual.widgets import DataTable, Static
 
-    import tui.gpus
+    import engine.core.gpus
 
-    monkeypatch.setattr(tui.gpus, "_nvml", False)           # NVML proved unusable: no driver
+    monkeypatch.setattr(engine.core.gpus, "_nvml", False)           # NVML proved unusable: no driver
     app = app_for(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await built(pilot)

@@ -35,6 +35,10 @@ def register(sub) -> None:
     p.add_argument("--devices", help="which GPUs, e.g. 0 or 1,3 (sets CUDA_VISIBLE_DEVICES for the run)")
     p.add_argument("--detach", action="store_true", help="run in the background, in its own session; print the "
                                                          "run directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="start nothing: print the estimated peak GPU memory (weights, LoRA and optimizer state, "
+                        "activations, logits) and whether it fits each visible GPU; exit 1 when it fits none")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the estimate as JSON")
     p.add_argument("--force", action="store_true",
                    help="with --resume: go on even though the recipe differs from the run's own config.yaml, or "
                         "from a checkpoint that later ones came after (they are replaced)")
@@ -106,6 +110,8 @@ def worker_parser() -> argparse.ArgumentParser:
 
 
 def train(args) -> int:
+    if args.dry_run:
+        return dry_run(args)
     from engine.train.multinode import nodes_from
     from engine.workflow.train import train
 
@@ -122,6 +128,46 @@ def train(args) -> int:
         print(started.run_dir)
         print(f"started pid {started.pid}; follow with: tail -f {started.run_dir / 'train.log'}", file=sys.stderr)
     return started.rc
+
+
+def dry_run(args) -> int:
+    """`train --dry-run`: the memory estimate per visible GPU (no torch, nothing written)."""
+    from engine.core.gpus import list_gpus
+    from engine.recipe.catalogue import deepspeed_config_path
+    from engine.recipe.schema import load_recipe
+    from engine.train.estimate import GIB, describe, estimate_recipe, fit_on
+    from engine.train.launch import config_path, resolve_paths
+
+    overrides = list(args.overrides)
+    if args.deepspeed:
+        deepspeed_config_path(args.deepspeed)
+        overrides.append(f"deepspeed={args.deepspeed.removeprefix('deepspeed_')}")
+    _, recipe = load_recipe(config_path(args.config), overrides)
+    recipe = resolve_paths(recipe, Path.cwd())
+    devices = args.devices if args.devices is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    picked = [int(x) for x in devices.split(",") if x.strip().isdigit()] if devices else None
+    gpus = list_gpus(picked)
+    world = args.gpus or (len(picked) if picked else 1)
+    fits = fit_on(recipe, gpus, world) if gpus else []
+    if args.json:
+        est = fits[0][1] if fits else estimate_recipe(recipe, None, world)
+        print(json.dumps({"estimate": est.to_json(), "gpus": [
+            {"index": g.index, "name": g.name, "free_gib": round(g.mem_total_gib - g.mem_used_gib, 2),
+             "total_gib": round(g.mem_total_gib, 2), "fits": e.fits(int((g.mem_total_gib - g.mem_used_gib) * GIB)),
+             "estimate": e.to_json()} for g, e in fits]}, indent=1))
+    else:
+        if not fits:
+            print("\n".join(describe(estimate_recipe(recipe, None, world))))
+            print("no GPU visible here (NVML): nothing to check the estimate against")
+        shown = None
+        for g, e in fits:
+            free = int((g.mem_total_gib - g.mem_used_gib) * GIB)
+            if e.to_json() != shown:
+                print("\n".join(describe(e)))
+                shown = e.to_json()
+            verdict = "fits" if e.fits(free) else "does NOT fit"
+            print(f"GPU {g.index} {g.name}: {free / GIB:.1f} of {g.mem_total_gib:.0f} GiB free: {verdict}")
+    return 0 if not fits or any(e.fits(int((g.mem_total_gib - g.mem_used_gib) * GIB)) for g, e in fits) else 1
 
 
 def worker(args) -> int:

@@ -56,3 +56,11 @@ def disk_full_message(path: Path, what: str, error: OSError) -> str:
     reason = "disk quota exceeded" if getattr(error, "errno", None) == errno.EDQUOT else "no space left on device"
     target = f" ({Path(error.filename).name})" if getattr(error, "filename", None) else ""
     return f"{reason} {where} while writing {what}{target}; free some space, then resume the run"
+
+
+def cache_dir(*parts: str) -> Path:
+    """tunedeck's cache folder ($TUNEDECK_CACHE, else $XDG_CACHE_HOME/tunedeck, else ~/.cache/tunedeck),
+    or a folder under it: converted models, compile caches."""
+    env = os.environ.get("TUNEDECK_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunedeck"
+    return base.joinpath(*parts)

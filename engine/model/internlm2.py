@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import UserError
+from engine.core.files import cache_dir
 
 CONVERTER_VERSION = 1
 NATIVE_MARKER = "tunedeck_native.json"          # in a converted folder: where it came from
@@ -204,9 +205,7 @@ def _fingerprint(src: Path) -> str:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("TUNEDECK_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunedeck"
-    return base / "native"
+    return cache_dir("native")
 
 
 def native_path(path: str | Path, *, log: Any = None) -> str:

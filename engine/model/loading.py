@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engine.core.errors import UserError
+from engine.core.files import cache_dir
 
 log = logging.getLogger("tunedeck.model")
 # Transformers talks a lot at import and load time; the run log says what matters.
@@ -152,6 +153,19 @@ def apply_liger(path: str, mode: str, precision: Precision, trust_remote_code: b
 COMPILE_BACKEND = "inductor"     # tests trace with "aot_eager": the same graphs, no code generation
 
 
+def use_compile_caches() -> None:
+    """Inductor's and Triton's caches under tunedeck's cache folder (where they outlive /tmp), with the
+    FX-graph and AOTAutograd caches on: a second run of the same model and shapes loads its compiled
+    kernels instead of compiling them. Settings the user made in the environment win."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("compile", "inductor")))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir("compile", "triton")))
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+
+
 def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> list[torch.nn.Module]:
     """torch.compile every decoder layer in place (the module, its parameters' names and the checkpoints
     stay as they are); returns the layers. They share one compiled graph: their parameters are the
@@ -169,6 +183,7 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> l
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = decoder_layers(model)
     if layers:
+        use_compile_caches()
         torch._dynamo.config.suppress_errors = True
         # sizes are symbolic, but a one-row forward (a short last window) still gets a graph of its own
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)

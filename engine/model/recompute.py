@@ -10,9 +10,10 @@ every layer (the least memory); a number N recomputes in the first N layers and 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("tunedeck")
 
@@ -20,14 +21,19 @@ HEADROOM_BYTES = 4 << 30          # what auto leaves free on top of the estimate
 SAFETY = 2.0                      # the estimate is multiplied by this before it is trusted
 
 
-def layer_activation_bytes(config: Any, tokens: int, bytes_per_el: int = 2) -> int:
+def layer_activation_bytes(config: Any, tokens: int, *, quantized: bool = True, full: bool = False) -> int:
     """What one decoder layer of a Llama-shaped model keeps for backward when it does not recompute,
-    for ``tokens`` tokens of one micro-batch in 16-bit: the inputs of its norms, projections and
-    LoRA adapters (with their dropout copies), attention's output and statistics, and the MLP's gate,
-    up, activation and product -- about 14 hidden-sized and 6 intermediate-sized vectors a token."""
+    for ``tokens`` tokens of one micro-batch: the inputs of its norms, projections and LoRA adapters
+    (with their dropout copies), attention's output and statistics, and the MLP's gate, up, activation
+    and product. Counted in 16-bit values a token, measured on an H200 (bench/memory_estimate.py):
+    LoRA on a 16-bit model keeps about 4 hidden-sized and 6 intermediate-sized vectors; on a 4-bit one
+    (its norms and residual stream in fp32) 14 and 6; a full fine-tune (no adapters) 4 and 5, plus the
+    16-bit copies autocast makes of the layer's fp32 weights."""
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    return tokens * (14 * hidden + 6 * inter) * bytes_per_el
+    if full:
+        return tokens * (4 * hidden + 5 * inter) * 2
+    return tokens * ((14 if quantized else 4) * hidden + 6 * inter) * 2
 
 
 def plan_recompute(setting: str | int, n_layers: int, per_layer_bytes: int, free_bytes: int | None) -> int:

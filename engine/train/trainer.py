@@ -138,13 +138,18 @@ class Trainer:
         """model.checkpoint_layers: which layers recompute, from the GPU's free memory when auto (for the
         rows of one forward, as the training steps will take them)."""
         from engine.model.recompute import apply_recompute, decoder_layers, layer_activation_bytes, plan_recompute
+        from engine.train.estimate import pending_optimizer_bytes
 
         r = self.recipe
         layers = decoder_layers(model)
         setting = "all" if r.train.low_memory else r.model.checkpoint_layers
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        if free is not None:      # the gradients and moments the optimizer has not allocated yet
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            free -= pending_optimizer_bytes(n, r.train.optim_type, r.train.low_memory)
         rows = self._rows_per_forward(r.train.batch_size * r.train.accumulative_counts)
-        per_layer = layer_activation_bytes(model.config, rows * r.data.max_length)
+        per_layer = layer_activation_bytes(model.config, rows * r.data.max_length,
+                                           quantized=r.model.quantization != "none", full=not r.lora.enabled)
         self.recompute_layers = plan_recompute(setting, len(layers), per_layer, free)
         self.n_decoder_layers = len(layers)
         apply_recompute(layers, self.recompute_layers)

@@ -32,6 +32,7 @@ from typing import Any
 
 from engine.core.errors import UserError
 from engine.core.files import atomic_write_text
+from engine.core.gpus import list_gpus
 from engine.train.runs import RunDirectory, pid_alive
 
 log = logging.getLogger("tunedeck.queue")
@@ -111,17 +112,7 @@ class Gpu:
 
 def nvml_gpus() -> list[Gpu] | None:
     """The machine's GPUs and whether a process holds each (NVML); None without NVML (no GPUs)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            out.append(Gpu(i, bool(pynvml.nvmlDeviceGetComputeRunningProcesses(h))))
-        return out or None
-    except Exception:
-        return None
+    return [Gpu(g.index, bool(g.pids)) for g in list_gpus()] or None
 
 
 def _live(entry: dict[str, Any]) -> bool:

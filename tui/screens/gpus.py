@@ -11,9 +11,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
+from engine.core.gpus import list_gpus, process_tree_owner
 from engine.train.runs import find_runs
-
-from ..gpus import list_gpus, process_tree_owner
 
 
 def bar(fraction: float, width: int = 10) -> str:

@@ -19,13 +19,13 @@ from textual.widgets import Button, DataTable, Log, ProgressBar, Select, Sparkli
 
 from engine.core.constants import DEEPSPEED_CHOICES
 from engine.core.errors import UserError
+from engine.core.gpus import list_gpus
 from engine.train.runs import RunDirectory, find_runs, format_eta, format_loss
 from engine.workflow.queue import add as add_to_queue
 from engine.workflow.queue import ensure_scheduler, read_queue, set_paused
 from engine.workflow.queue import remove as remove_queued
 
 from ..dialogs import ChoiceDialog, ConfirmDialog
-from ..gpus import list_gpus
 from ..messages import ShowRun
 from ..tail import JsonlTail, LogTail
 from ..widgets.image import half_blocks
