@@ -7,7 +7,7 @@
 Cases (random-init models of the real shapes: InternLM2-1.8B, CLIP ViT-L/14-336): the seed recipe as
 shipped, its low-memory preset, LoRA on the bf16 model, a full fine-tune, the LLaVA finetune. Goal:
 every estimate within 15 % of its measured peak. A run of the seed recipe a second time gives the
-first step with warm compile caches. Writes bench/results/memory_estimate_<gpu>.json (and under
+first step with warm compile caches. Writes bench/results/memory_estimate_NVIDIA_<gpu>.json (and under
 $OUT) after each case, and exits 1 when a case misses the goal.
 """
 
@@ -105,10 +105,11 @@ def main() -> int:
     from engine.core.gpus import list_gpus
 
     gpu = list_gpus()[0]
-    result = {"bench": "memory_estimate", "gpu": gpu.name, "goal": f"estimate within {GOAL:.0%} of the measured peak",
+    result = {"bench": "memory_estimate", "gpu": f"NVIDIA {gpu.name}",
+              "goal": f"estimate within {GOAL:.0%} of the measured peak",
               "measured": "torch.cuda.max_memory_allocated over the run's steps (metrics.jsonl gpu_mem_gib)",
               "date": time.strftime("%Y-%m-%d"), "cases": {}}
-    name = gpu.name.replace(" ", "_")
+    name = f"NVIDIA_{gpu.name}".replace(" ", "_")          # as the other result files name the GPU
     paths = [REPO / f"bench/results/memory_estimate_{name}.json"]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / paths[0].name)

@@ -24,6 +24,10 @@ def snapshot_workspace() -> Path:
     (WS / "configs").mkdir(parents=True)
     (WS / "configs" / "my_demo.yaml").write_text(f"{COPIED_FROM}demo_tiny_qlora_self\n" + DEMO_RECIPE.read_text()
                                                 .replace("lr: 2e-3", "lr: 1e-3"))
+    (WS / "models" / "tiny-chat").mkdir(parents=True)          # the memory estimate reads its config.json
+    (WS / "models" / "tiny-chat" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1030}))
     (WS / "data").mkdir()
     (WS / "data" / "identity.jsonl").write_text(json.dumps(
         {"messages": [{"role": "user", "content": "Who are you?"},
@@ -64,6 +68,11 @@ async def still(pilot) -> None:
     for tab, _ in TABS:
         await pilot.app.pane(tab)
     await pilot.pause(0.5)
+    for _ in range(100):                             # the Runs screen's memory estimate, made in a thread
+        if not any(w.group == "estimate" and not w.is_finished for w in pilot.app.workers):
+            break
+        await pilot.pause(0.05)
+    await pilot.pause(0.1)
     await pilot.wait_for_scheduled_animations()
     for w in pilot.app.query(Input):
         w.cursor_blink = False

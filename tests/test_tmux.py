@@ -106,6 +106,7 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_compare_merge_chat(works
         assert float(RecipeDocument.load(workspace / "configs" / "mine.yaml").get("train.lr")) == 5e-3
         t.keys("3")
         t.wait_for("Start (n)")
+        t.wait_for("peak on a GPU (no GPU here")          # the chosen recipe's memory estimate
         t.keys("n")                                      # the recipe just saved is the one to start
         t.wait_for("mine  running", 90)
         t.keys("q")                                      # the app started a run: it asks what to keep

@@ -301,3 +301,4 @@ def describe(est: Estimate) -> list[str]:
             lines.append(f"  {k:<28}{v / GIB:8.2f} GiB")
     lines += [f"  note: {n}" for n in est.notes]
     return lines
+

@@ -21,6 +21,7 @@ from engine.core.constants import DEEPSPEED_CHOICES
 from engine.core.errors import UserError
 from engine.core.gpus import list_gpus
 from engine.train.runs import RunDirectory, find_runs, format_eta, format_loss
+from engine.workflow.estimate import fit_line
 from engine.workflow.queue import add as add_to_queue
 from engine.workflow.queue import ensure_scheduler, read_queue, set_paused
 from engine.workflow.queue import remove as remove_queued
@@ -236,6 +237,7 @@ class RunsPane(Vertical):
                          id="start-deepspeed", compact=True)
             yield Select([], prompt="GPU", id="start-gpus", compact=True)
             yield Button("Start (n)", variant="success", id="start-run", compact=True)
+        yield Static("", id="start-estimate")          # the recipe's estimated peak GPU memory, and if it fits
         with Horizontal(id="runs-body"):
             table: DataTable = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
             yield table
@@ -367,6 +369,37 @@ class RunsPane(Vertical):
     def on_show_run(self, message: ShowRun) -> None:
         self.query_one(RunView).show(message.path)
 
+    # -- the estimate beside Start
+    @on(Select.Changed, "#start-config, #start-deepspeed, #start-gpus")
+    def _start_choice_changed(self) -> None:
+        self.estimate_fits = None
+        self.query_one("#start-estimate", Static).update("")
+        cfg = self.query_one("#start-config", Select).value
+        if chosen(cfg) and cfg:
+            self._estimate(str(cfg), self._start_devices(), self._start_deepspeed())
+
+    @work(thread=True, exclusive=True, group="estimate")
+    def _estimate(self, cfg: str, devices: list[int] | None, deepspeed: str | None) -> None:
+        line, fits = fit_line(cfg, self.workspace, devices, deepspeed)
+        self.app.call_from_thread(self._show_estimate, cfg, line, fits)
+
+    def _show_estimate(self, cfg: str, line: str, fits: bool | None) -> None:
+        if str(self.query_one("#start-config", Select).value) != cfg:
+            return                                  # an answer for a recipe no longer chosen
+        self.estimate_fits = fits
+        self.query_one("#start-estimate", Static).update(
+            Text(line, style="bold red" if fits is False else "dim"))
+
+    estimate_fits: bool | None = None
+
+    def _start_devices(self) -> list[int] | None:
+        gpus = self.query_one("#start-gpus", Select)
+        return [int(x) for x in str(gpus.value).split(",")] if gpus.display and chosen(gpus.value) else None
+
+    def _start_deepspeed(self) -> str | None:
+        ds = self.query_one("#start-deepspeed", Select).value
+        return str(ds) if chosen(ds) and ds != "none" else None
+
     # -- actions
     @on(Button.Pressed, "#start-run")
     def action_start(self) -> None:
@@ -374,11 +407,20 @@ class RunsPane(Vertical):
         if not chosen(cfg) or not cfg:
             self.app.notify("pick a workspace recipe to start", severity="warning")
             return
-        ds = self.query_one("#start-deepspeed", Select).value
-        args = ["train", str(cfg), "--detach"] + (["--deepspeed", str(ds)] if chosen(ds) and ds != "none" else [])
-        gpus = self.query_one("#start-gpus", Select)
-        if gpus.display and chosen(gpus.value):
-            args += ["--devices", str(gpus.value)]
+        ds = self._start_deepspeed()
+        args = ["train", str(cfg), "--detach"] + (["--deepspeed", ds] if ds else [])
+        devices = self._start_devices()
+        if devices:
+            args += ["--devices", ",".join(map(str, devices))]
+        if self.estimate_fits is False:
+            def answered(yes: bool | None) -> None:
+                if yes:
+                    self._launch(args, f"starting {Path(str(cfg)).stem}")
+
+            line = str(self.query_one("#start-estimate", Static).render())
+            self.app.push_screen(ConfirmDialog(f"{line}. Start {Path(str(cfg)).stem} anyway?", yes="Start"),
+                                 answered)
+            return
         self._launch(args, f"starting {Path(str(cfg)).stem}")
 
     @on(Button.Pressed, "#rv-stop")
@@ -470,12 +512,9 @@ class RunsPane(Vertical):
         if not chosen(cfg) or not cfg:
             self.app.notify("pick a workspace recipe to queue", severity="warning")
             return
-        gpus = self.query_one("#start-gpus", Select)
-        devices = [int(x) for x in str(gpus.value).split(",")] if gpus.display and chosen(gpus.value) else None
-        ds = self.query_one("#start-deepspeed", Select).value
         try:
-            entry = add_to_queue(self.workspace, str(cfg), devices=devices,
-                                 deepspeed=str(ds) if chosen(ds) and ds != "none" else None)
+            entry = add_to_queue(self.workspace, str(cfg), devices=self._start_devices(),
+                                 deepspeed=self._start_deepspeed())
         except UserError as e:
             self.app.notify(str(e), severity="error")
             return

@@ -1,0 +1,40 @@
+"""The memory estimate as the app shows it beside Start: the recipe loaded as `tunedeck train` loads
+it, estimated for the GPUs it would run on (engine/train/estimate.py does the counting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.core.errors import UserError
+from engine.core.gpus import list_gpus
+from engine.core.tree import human_size
+from engine.recipe.schema import load_recipe
+from engine.train.estimate import GIB, estimate_recipe, fit_on
+from engine.train.launch import config_path, resolve_paths
+
+
+def fit_line(config: str | Path, base_dir: Path, devices: list[int] | None = None,
+             deepspeed: str | None = None) -> tuple[str, bool | None]:
+    """One line for the app's start row: the estimated peak and whether it fits the chosen GPUs
+    (True / False; None where there is no GPU to check or no estimate)."""
+    try:
+        _, recipe = load_recipe(config_path(str(config)),
+                                [f"deepspeed={deepspeed}"] if deepspeed and deepspeed != "none" else [])
+        recipe = resolve_paths(recipe, base_dir)
+        gpus = list_gpus(devices)
+        world = len(devices) if devices else 1
+        if not gpus:
+            est = estimate_recipe(recipe, None, world)
+            return f"memory: ≈{human_size(est.peak_bytes)}B peak on a GPU (no GPU here to check)", None
+        fits = fit_on(recipe, gpus, world)
+    except UserError as e:
+        return f"memory estimate: {e}", None
+    bad = [(g, e) for g, e in fits if not e.fits(int((g.mem_total_gib - g.mem_used_gib) * GIB))]
+    worst = max((e for _, e in fits), key=lambda e: e.peak_bytes)
+    if bad:
+        g, e = bad[0]
+        return (f"memory: ≈{human_size(e.peak_bytes)}B peak: does NOT fit GPU {g.index} "
+                f"({g.mem_total_gib - g.mem_used_gib:.1f} GiB free)"), False
+    names = ",".join(str(g.index) for g, _ in fits)
+    free = min(g.mem_total_gib - g.mem_used_gib for g, _ in fits)
+    return f"memory: ≈{human_size(worst.peak_bytes)}B peak: fits GPU {names} ({free:.0f} GiB free)", True
