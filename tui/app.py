@@ -100,6 +100,8 @@ class TunedeckCommands(Provider):
         out += [
             ("Copy recipe to workspace", partial(act, "configs", "copy"), "copy-cfg under a new name (F5)"),
             ("Edit recipe", partial(act, "configs", "edit"), "open the highlighted recipe (F4, enter)"),
+            ("Import an XTuner config", partial(act, "configs", "import"),
+             "read an XTuner .py as a recipe, without running it (F6)"),
             ("Save recipe", partial(act, "editor", "save"), "validate and save (ctrl+s)"),
             ("Save recipe as", partial(act, "editor", "save_as"), "save under another name"),
             ("Open recipe in $EDITOR", partial(act, "editor", "external"), "suspend the app (ctrl+o)"),
@@ -155,6 +157,7 @@ class TunedeckApp(App):
         Binding("slash", "find", "Find"),
         Binding("f5", "pane('configs', 'copy')", "Copy to workspace"),
         Binding("f4", "pane('configs', 'edit')", "Edit"),
+        Binding("f6", "pane('configs', 'import')", "Import XTuner .py"),
         Binding("ctrl+s", "pane('editor', 'save')", "Save", priority=True),
         Binding("ctrl+o", "pane('editor', 'external')", "$EDITOR", priority=True),
         Binding("n", "pane('runs', 'start')", "Start run"),

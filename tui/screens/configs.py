@@ -12,8 +12,9 @@ from textual.widgets import Button, Input, Static, Tree
 
 from engine.core.errors import UserError
 from engine.recipe import catalogue
+from engine.recipe.xtuner import import_xtuner, write_recipe
 
-from ..dialogs import NameDialog
+from ..dialogs import NameDialog, PathPicker
 from ..highlight import highlight_yaml
 from ..messages import ConfigsChanged, EditConfig
 from ..typing import type_into
@@ -39,6 +40,7 @@ class ConfigsPane(Vertical):
         with Horizontal(classes="buttons"):
             yield Button("Copy to workspace (F5)", id="cfg-copy", compact=True)
             yield Button("Edit (F4 / enter)", id="cfg-edit", compact=True)
+            yield Button("Import XTuner .py (F6)", id="cfg-import", compact=True)
 
     def on_mount(self) -> None:
         self.refresh_tree()
@@ -145,6 +147,28 @@ class ConfigsPane(Vertical):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")   # keeps its copied-from line
         return target
+
+    @on(Button.Pressed, "#cfg-import")
+    def action_import(self) -> None:
+        """An XTuner .py config into the workspace as configs/<name>.yaml, read as data (never run)."""
+        def picked(path: str | None) -> None:
+            if not path:
+                return
+            src = Path(path)
+            try:
+                if src.suffix != ".py":
+                    raise UserError(f"{src}: not an XTuner config (a .py file)")
+                got = import_xtuner(src)
+                target = write_recipe(got, src, self.workspace / "configs" / f"{src.stem}.yaml")
+            except UserError as e:
+                self.app.notify(str(e), severity="error")
+                return
+            left = f"; {len(got.unmapped)} setting(s) not mapped, listed in its header" if got.unmapped else ""
+            self.app.notify(f"imported {src.name} as {target.relative_to(self.workspace)}{left}")
+            self.refresh_tree(select=target)
+            self.post_message(ConfigsChanged(target))
+
+        self.app.push_screen(PathPicker(self.workspace), picked)
 
     @on(Button.Pressed, "#cfg-edit")
     def edit_pressed(self) -> None:
