@@ -157,7 +157,7 @@ class TunedeckApp(App):
         Binding("slash", "find", "Find"),
         Binding("f5", "pane('configs', 'copy')", "Copy to workspace"),
         Binding("f4", "pane('configs', 'edit')", "Edit"),
-        Binding("f6", "pane('configs', 'import')", "Import XTuner .py"),
+        Binding("f6", "pane('configs', 'import')", "Import XTuner .py", show=False),
         Binding("ctrl+s", "pane('editor', 'save')", "Save", priority=True),
         Binding("ctrl+o", "pane('editor', 'external')", "$EDITOR", priority=True),
         Binding("n", "pane('runs', 'start')", "Start run"),
