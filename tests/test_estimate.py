@@ -148,3 +148,14 @@ async def test_the_app_shows_the_estimate_and_asks_before_starting_a_run_that_do
         await pilot.press("escape")                       # no: nothing starts
         await pilot.pause(0.2)
         assert not (tmp_path / "work_dirs").exists() or not any((tmp_path / "work_dirs").iterdir())
+
+
+def test_a_llava_recipe_without_lora_keeps_its_llm_frozen(models):
+    """The LLaVA trainer freezes the LLM in pretrain and in a finetune without LoRA: no LLM gradients."""
+    from engine.train.estimate import estimate
+
+    llm, vit = models
+    for sets in (["llava.stage=pretrain"], ["lora.enabled=false", "model.quantization=none"]):
+        r = recipe(LLAVA, [f"model.path={llm}", f"llava.visual_encoder={vit}", *sets])
+        est = estimate(r, INTERNLM2_1_8B, vision_config=CLIP_L_336)
+        assert est.parts["gradients"] < 0.2 * 2**30, (sets, est.to_json())

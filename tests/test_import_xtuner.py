@@ -132,9 +132,9 @@ def test_import_mistakes_are_one_line_and_nothing_is_overwritten(tmp_path, capsy
 
 
 async def test_the_configs_screen_imports_a_py_by_keys(tmp_path):
+    from test_tui import built, wait_for
     from textual.widgets import Tree
 
-    from test_tui import built, wait_for
     from tui.app import TunedeckApp
 
     (tmp_path / "my_xtuner_cfg.py").write_text(

@@ -140,8 +140,9 @@ def estimate(recipe: Recipe, model_config: dict[str, Any], *, gpu_free_bytes: in
     s = Shape.of(model_config)
     llava = lv.enabled
     quant = m.quantization != "none"
-    full = not lo.enabled or (llava and lv.stage == "pretrain")      # no LLM LoRA (pretrain: LLM frozen)
-    frozen_llm = llava and lv.stage == "pretrain"
+    # LLaVA trains the LLM only through LoRA in the finetune stage: otherwise it is frozen
+    frozen_llm = llava and (lv.stage == "pretrain" or not lo.enabled)
+    full = not lo.enabled or frozen_llm
     wbytes = 4 if m.dtype == "float32" else 2
     notes: list[str] = []
     parts: dict[str, int] = {}
