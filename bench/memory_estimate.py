@@ -133,12 +133,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "engine.cli", "train", str(recipe), "--work-dir", str(work)]
         for kv in sets:
             cmd += ["--set", kv]
-        if case != "seed_again":
-            subprocess.run(["rm", "-rf", str(work)])
-        else:
-            subprocess.run(["rm", "-rf", str(work) + "_x"])
-            cmd[cmd.index("--work-dir") + 1] = str(work) + "_x"
-            work = Path(str(work) + "_x")
+        subprocess.run(["rm", "-rf", str(work)])     # a new run (the compile caches live elsewhere)
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
         run = {"returncode": proc.returncode, "wall_s": round(time.time() - t0, 1), "call": call}

@@ -133,41 +133,33 @@ def train(args) -> int:
 def dry_run(args) -> int:
     """`train --dry-run`: the memory estimate per visible GPU (no torch, nothing written)."""
     from engine.core.gpus import list_gpus
-    from engine.recipe.catalogue import deepspeed_config_path
-    from engine.recipe.schema import load_recipe
     from engine.train.estimate import GIB, describe, estimate_recipe, fit_on
-    from engine.train.launch import config_path, resolve_paths
+    from engine.workflow.estimate import recipe_to_estimate
 
-    overrides = list(args.overrides)
-    if args.deepspeed:
-        deepspeed_config_path(args.deepspeed)
-        overrides.append(f"deepspeed={args.deepspeed.removeprefix('deepspeed_')}")
-    _, recipe = load_recipe(config_path(args.config), overrides)
-    recipe = resolve_paths(recipe, Path.cwd())
+    recipe = recipe_to_estimate(args.config, Path.cwd(), args.overrides, args.deepspeed)
     devices = args.devices if args.devices is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
     picked = [int(x) for x in devices.split(",") if x.strip().isdigit()] if devices else None
     gpus = list_gpus(picked)
     world = args.gpus or (len(picked) if picked else 1)
-    fits = fit_on(recipe, gpus, world) if gpus else []
+    fits = [(g, e, e.fits(g.free_bytes)) for g, e in fit_on(recipe, gpus, world)] if gpus else []
     if args.json:
         est = fits[0][1] if fits else estimate_recipe(recipe, None, world)
         print(json.dumps({"estimate": est.to_json(), "gpus": [
-            {"index": g.index, "name": g.name, "free_gib": round(g.mem_total_gib - g.mem_used_gib, 2),
-             "total_gib": round(g.mem_total_gib, 2), "fits": e.fits(int((g.mem_total_gib - g.mem_used_gib) * GIB)),
-             "estimate": e.to_json()} for g, e in fits]}, indent=1))
+            {"index": g.index, "name": g.name, "free_gib": round(g.free_bytes / GIB, 2),
+             "total_gib": round(g.mem_total_gib, 2), "fits": ok, "estimate": e.to_json()}
+            for g, e, ok in fits]}, indent=1))
     else:
         if not fits:
             print("\n".join(describe(estimate_recipe(recipe, None, world))))
             print("no GPU visible here (NVML): nothing to check the estimate against")
         shown = None
-        for g, e in fits:
-            free = int((g.mem_total_gib - g.mem_used_gib) * GIB)
+        for g, e, ok in fits:
             if e.to_json() != shown:
                 print("\n".join(describe(e)))
                 shown = e.to_json()
-            verdict = "fits" if e.fits(free) else "does NOT fit"
-            print(f"GPU {g.index} {g.name}: {free / GIB:.1f} of {g.mem_total_gib:.0f} GiB free: {verdict}")
-    return 0 if not fits or any(e.fits(int((g.mem_total_gib - g.mem_used_gib) * GIB)) for g, e in fits) else 1
+            print(f"GPU {g.index} {g.name}: {g.free_bytes / GIB:.1f} of {g.mem_total_gib:.0f} GiB free: "
+                  f"{'fits' if ok else 'does NOT fit'}")
+    return 0 if not fits or any(ok for _, _, ok in fits) else 1
 
 
 def worker(args) -> int:

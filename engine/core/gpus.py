@@ -20,6 +20,10 @@ class Gpu:
     power_limit_w: float | None = None
     pids: tuple[int, ...] = field(default=())           # compute processes on it
 
+    @property
+    def free_bytes(self) -> int:
+        return int((self.mem_total_gib - self.mem_used_gib) * 2**30)
+
     def label(self) -> str:
         util = f"{self.util_pct}%" if self.util_pct is not None else "-"
         return f"GPU {self.index} {self.name}: {util} busy, {self.mem_used_gib:.1f}/{self.mem_total_gib:.0f} GiB"

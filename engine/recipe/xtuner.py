@@ -137,6 +137,11 @@ class Imported:
     notes: list[str] = field(default_factory=list)
 
 
+def _member(v: Any, table: str) -> str | None:
+    """``name`` when ``v`` is the imported ``TABLE.name`` (PROMPT_TEMPLATE.default), else None."""
+    return str(v).split(".", 1)[1] if isinstance(v, Sym) and str(v).startswith(table + ".") else None
+
+
 def _type(d: Any) -> str:
     return str(d.get("type", "")).rsplit(".", 1)[-1] if isinstance(d, dict) else ""
 
@@ -245,8 +250,8 @@ def import_xtuner(path: str | Path, deepspeed: str | None = None) -> Imported:
     tmpl = ds.get("template_map_fn", {}).get("template") if isinstance(ds.get("template_map_fn"), dict) else None
     tmpl = tmpl or take("prompt_template")
     used.add("prompt_template")
-    if isinstance(tmpl, Sym) and str(tmpl).startswith("PROMPT_TEMPLATE."):
-        name = str(tmpl).split(".", 1)[1]
+    name = _member(tmpl, "PROMPT_TEMPLATE")
+    if name is not None:
         if name in TEMPLATES:
             d["prompt_template"] = TEMPLATES[name]
         else:
@@ -267,8 +272,8 @@ def import_xtuner(path: str | Path, deepspeed: str | None = None) -> Imported:
         "max_length", "pack_to_max_length", "use_varlen_attn", "pad_image_to_square", "remove_unused_columns",
         "shuffle_before_pack"})
     system = take("SYSTEM")
-    if isinstance(system, Sym) and str(system).startswith("SYSTEM_TEMPLATE."):
-        key = str(system).split(".", 1)[1]
+    key = _member(system, "SYSTEM_TEMPLATE")
+    if key is not None:
         if key in SYSTEM_TEMPLATES:
             d["system"] = SYSTEM_TEMPLATES[key]
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from engine.core.errors import UserError
@@ -82,7 +83,8 @@ class Shape:
         return self.layers * sum(r * (a + b) for a, b in self.linears())
 
     def activation_config(self) -> Any:
-        return type("Cfg", (), {"hidden_size": self.hidden, "intermediate_size": self.intermediate})
+        """What layer_activation_bytes reads of a model config."""
+        return SimpleNamespace(hidden_size=self.hidden, intermediate_size=self.intermediate)
 
 
 def quantized_bytes_per_param(quantization: str, double_quant: bool) -> float:
@@ -277,12 +279,12 @@ def estimate_recipe(recipe: Recipe, gpu_free_bytes: int | None = None, world: in
 
 
 def fit_on(recipe: Recipe, gpus: list[Any], world: int = 1) -> list[tuple[Any, Estimate]]:
-    """Each GPU (``index``, ``name``, ``mem_total_gib``, ``mem_used_gib``) with the estimate made for its
+    """Each GPU (engine.core.gpus.Gpu) with the estimate made for its
     free memory; where the whole window does not fit, the halved rows per forward the trainer would
     fall back to."""
     out = []
     for g in gpus:
-        free = int((g.mem_total_gib - g.mem_used_gib) * GIB)
+        free = g.free_bytes
         est = estimate_recipe(recipe, free, world)
         auto_rows = not recipe.train.rows_per_forward and not recipe.llava.enabled
         while auto_rows and not est.fits(free) and est.rows_per_forward > recipe.train.batch_size:

@@ -386,11 +386,12 @@ class RunsPane(Vertical):
     def _show_estimate(self, cfg: str, line: str, fits: bool | None) -> None:
         if str(self.query_one("#start-config", Select).value) != cfg:
             return                                  # an answer for a recipe no longer chosen
-        self.estimate_fits = fits
+        self.estimate_fits, self.estimate_line = fits, line
         self.query_one("#start-estimate", Static).update(
             Text(line, style="bold red" if fits is False else "dim"))
 
     estimate_fits: bool | None = None
+    estimate_line = ""
 
     def _start_devices(self) -> list[int] | None:
         gpus = self.query_one("#start-gpus", Select)
@@ -417,8 +418,8 @@ class RunsPane(Vertical):
                 if yes:
                     self._launch(args, f"starting {Path(str(cfg)).stem}")
 
-            line = str(self.query_one("#start-estimate", Static).render())
-            self.app.push_screen(ConfirmDialog(f"{line}. Start {Path(str(cfg)).stem} anyway?", yes="Start"),
+            self.app.push_screen(ConfirmDialog(f"{self.estimate_line}. Start {Path(str(cfg)).stem} anyway?",
+                                               yes="Start"),
                                  answered)
             return
         self._launch(args, f"starting {Path(str(cfg)).stem}")
