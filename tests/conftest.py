@@ -97,6 +97,16 @@ def trained_run(tmp_path_factory, tiny_model, identity_file) -> Path:
     return ws / "run"
 
 
+@pytest.fixture(scope="session")
+def internlm2_run(internlm2_model, identity_file, tmp_path_factory) -> Path:
+    """The demo recipe trained on the InternLM2 folder as it ships (4-bit QLoRA on the CPU)."""
+    ws = tmp_path_factory.mktemp("internlm2-run")
+    rc = run_cli("train", DEMO_RECIPE, "--work-dir", ws / "run", "--set", f"model.path={internlm2_model}",
+                 "--set", f"data.data_path={identity_file}", "--set", "model.trust_remote_code=true")
+    assert rc == 0
+    return ws / "run"
+
+
 def write_run(root: Path, name: str, losses: list[float], *, lr: str = "2e-3", state: str = "finished",
               answers: dict[int, str] | None = None, pid: int = 1, log_lines: int = 20) -> Path:
     """A run directory as a training writes it (status, metrics, evaluation answers, log, config),

@@ -202,16 +202,6 @@ def test_a_model_whose_own_code_fails_is_one_line_naming_the_file(tiny_model, tm
     assert "modeling_mymodel.py" in err and "modeling_attn_mask_utils" in err
 
 
-@pytest.fixture(scope="module")
-def internlm2_run(internlm2_model, identity_file, tmp_path_factory) -> Path:
-    """The demo recipe trained on the InternLM2 folder as it ships (4-bit QLoRA on the CPU)."""
-    ws = tmp_path_factory.mktemp("internlm2-run")
-    rc = run_cli("train", DEMO_RECIPE, "--work-dir", ws / "run", "--set", f"model.path={internlm2_model}",
-                 "--set", f"data.data_path={identity_file}", "--set", "model.trust_remote_code=true")
-    assert rc == 0
-    return ws / "run"
-
-
 def _tuned(internlm2_model, run):
     from peft import PeftModel
 

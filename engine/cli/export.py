@@ -41,6 +41,23 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
     p.set_defaults(verb_handler=export_llava)
 
+    p = add_verb(sub, "export", "take a trained model elsewhere: a GGUF file, an Ollama model, a deploy bundle",
+                 "tunedeck export work_dirs/my_recipe assistant.gguf --format gguf --quant q8_0",
+                 "tunedeck export work_dirs/my_recipe ./ollama-assistant --format ollama",
+                 "tunedeck export work_dirs/my_recipe ./assistant-bundle --format bundle",
+                 description="gguf: one GGUF file (llama.cpp's Llama architecture, InternLM2 included) with the "
+                             "tokenizer, its special tokens and the chat template the run was trained with. "
+                             "ollama: a folder with the GGUF and a Modelfile (ollama create NAME -f "
+                             "OUT/Modelfile). bundle: a folder to deploy from: the merged model, a model card, "
+                             "the recipe, a requirements file and start.sh, which serves the web chat.")
+    p.add_argument("source", help="a run directory (its latest checkpoint), a checkpoint, or a model folder")
+    p.add_argument("out", help="gguf: the file to write; ollama, bundle: the folder to write")
+    p.add_argument("--format", required=True, choices=("gguf", "ollama", "bundle"), help="what to write")
+    p.add_argument("--quant", default="f16", choices=("f16", "q8_0"), help="gguf, ollama: weight precision")
+    p.add_argument("--base", help="the base model (default: the one the run was trained on)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.set_defaults(verb_handler=export)
+
 
 def merge(args) -> int:
     from engine.export.merge import merge
@@ -62,4 +79,28 @@ def export_llava(args) -> int:
 
     out = export_llava(args.llm, args.visual_encoder, args.checkpoint, args.out, overwrite=args.force)
     print(f"wrote LlavaForConditionalGeneration + LlavaProcessor to {out}")
+    return 0
+
+
+def export(args) -> int:
+    def progress(m: str) -> None:
+        print(m, file=sys.stderr, flush=True)
+
+    if args.format == "gguf":
+        from engine.export.gguf import export_gguf
+
+        ex = export_gguf(args.source, args.out, quant=args.quant, base=args.base, force=args.force,
+                         progress=progress)
+        print(f"wrote {ex.path}  (llama.cpp: llama-cli -m {ex.path} -cnv)")
+    elif args.format == "ollama":
+        from engine.export.gguf import export_ollama
+
+        out = export_ollama(args.source, args.out, quant=args.quant, base=args.base, force=args.force,
+                            progress=progress)
+        print(f"wrote {out}/Modelfile  (ollama create {out.resolve().name} -f {out}/Modelfile)")
+    else:
+        from engine.export.bundle import export_bundle
+
+        out = export_bundle(args.source, args.out, base=args.base, force=args.force, progress=progress)
+        print(f"wrote {out}  (start it with: {out}/start.sh)")
     return 0

@@ -13,6 +13,7 @@ Torch-free: the TUI lists the names.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,3 +171,48 @@ def _encode_hf(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[in
         for j in span:
             labels[j] = full[j]
     return full, labels
+
+
+def _around(text: str, field: str) -> tuple[str, str]:
+    before, mark, after = text.partition("{" + field + "}")
+    if not mark:
+        raise ValueError(f"template piece {text!r} has no {{{field}}}")
+    return before, after
+
+
+def as_jinja(name: str) -> str:
+    """A named template as a Jinja chat template (what tokenizer_config.json and GGUF carry) that
+    renders a conversation to exactly the text ``_pieces`` gives it."""
+    t = TEMPLATES[name]
+    s_pre, s_post = _around(t.system, "system")
+    u_pre, u_post = _around(t.user, "input")
+
+    def lit(text: str) -> str:
+        return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+
+    end = lit(t.suffix) if t.suffix else "{{ eos_token }}"
+    sep = ("{% if not loop.last %}" + lit(t.sep) + "{% endif %}") if t.sep else ""
+    return ("{% if bos_token %}{{ bos_token }}{% endif %}" if t.bos else "") + (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{% if message['content'] %}"
+        + lit(s_pre) + "{{ message['content'] }}" + lit(s_post) + "{% endif %}"
+        "{% elif message['role'] == 'user' %}" + lit(u_pre) + "{{ message['content'] }}" + lit(u_post)
+        + "{% elif message['role'] == 'assistant' %}{{ message['content'] }}" + end + sep
+        + "{% endif %}{% endfor %}")
+
+
+def as_ollama(name: str, eos_token: str) -> str:
+    """A named template in Ollama's Go-template form, over .Messages (Ollama puts the Modelfile's SYSTEM
+    there as the first message and adds the bos token itself)."""
+    t = TEMPLATES[name]
+    s_pre, s_post = _around(t.system, "system")
+    u_pre, u_post = _around(t.user, "input")
+    for piece in (t.system, t.user, t.suffix, t.sep):
+        if "{{" in piece or '"""' in piece:
+            raise ValueError(f"template {name!r} cannot be written as an Ollama TEMPLATE")
+    # no {{- trim markers: they would eat the pieces' own newlines
+    return ('{{ range .Messages }}'
+            '{{ if eq .Role "system" }}{{ if .Content }}' + s_pre + '{{ .Content }}' + s_post + '{{ end }}'
+            '{{ else if eq .Role "user" }}' + u_pre + '{{ .Content }}' + u_post
+            + '{{ else if eq .Role "assistant" }}{{ .Content }}' + (t.suffix or eos_token) + t.sep
+            + '{{ end }}{{ end }}')

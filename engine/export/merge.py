@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from engine.core.errors import UserError
 from engine.model.internlm2 import is_internlm2, write_internlm2
@@ -11,6 +12,44 @@ from engine.model.loading import check_model_dir, load_error, quiet_progress, re
 from engine.train.checkpoint import resolve_checkpoint
 
 MERGE_FORMATS = ("auto", "internlm2", "llama")
+
+
+def load_merged(base: str, adapter: str, *, device: str = "cpu", trust_remote_code: bool | None = None,
+                progress=print) -> tuple[Any, Path, dict[str, Any]]:
+    """base+adapter merged in memory (transformers' layout: an InternLM2 base comes as Llama), with the
+    checkpoint it came from and that checkpoint's tunedeck.json. A full checkpoint or a model folder is
+    loaded as it is (``base`` unused)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device: {device!r} is not allowed: use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device: 'cuda' but no CUDA GPU is visible")
+    ckpt = resolve_checkpoint(adapter)
+    meta = read_adapter_meta(ckpt)
+    is_adapter = (ckpt / "adapter_config.json").is_file()
+    source = base if is_adapter else str(ckpt)
+    check_model_dir(source)
+    trust = meta.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
+    progress(f"loading {source} on {device}")
+    quiet_progress()
+    native, trust = resolve_model(source, trust)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(native, dtype=dtype, trust_remote_code=trust,
+                                                     device_map={"": device})
+    except Exception as e:
+        raise UserError(f"{source}: cannot load the model ({load_error(e)})") from None
+    if is_adapter:
+        progress(f"applying {ckpt}")
+        try:
+            model = PeftModel.from_pretrained(model, str(ckpt))
+        except Exception as e:
+            raise UserError(f"{ckpt}: adapter does not fit {base} ({type(e).__name__})") from None
+        model = model.merge_and_unload()
+    return model.eval(), ckpt, meta
 
 
 def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_size: str = "2GB",
@@ -21,17 +60,11 @@ def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_s
     An InternLM2 base is written in InternLM2's own format by default (``fmt`` auto or internlm2:
     wqkv fused again, the base's config, remote code and tokenizer files carried over unchanged, so
     LMDeploy, XTuner and InternLM's code load it); ``fmt="llama"`` writes transformers' Llama layout."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out_path = Path(out)
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
         raise UserError(f"{out_path}: already exists and is not empty; choose another OUT")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device: {device!r} is not allowed: use cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device: 'cuda' but no CUDA GPU is visible")
     if fmt not in MERGE_FORMATS:
         raise UserError(f"--format: {fmt!r} is not allowed: use {', '.join(MERGE_FORMATS)}")
     check_model_dir(base)
@@ -41,23 +74,10 @@ def merge(base: str, adapter: str, out: str, *, device: str = "cpu", max_shard_s
     ckpt = resolve_checkpoint(adapter)
     if not (ckpt / "adapter_config.json").is_file():
         raise UserError(f"{ckpt}: not a LoRA adapter (no adapter_config.json); a full fine-tune needs no merge")
-    meta = read_adapter_meta(ckpt)
+    model, ckpt, meta = load_merged(base, adapter, device=device, trust_remote_code=trust_remote_code,
+                                    progress=progress)
     trust = meta.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else "auto"
-    progress(f"loading {base} on {device}")
-    quiet_progress()
     native, trust = resolve_model(base, trust)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(native, dtype=dtype, trust_remote_code=trust,
-                                                     device_map={"": device})
-    except Exception as e:
-        raise UserError(f"{base}: cannot load the base model ({load_error(e)})") from None
-    progress(f"applying {ckpt}")
-    try:
-        model = PeftModel.from_pretrained(model, str(ckpt))
-    except Exception as e:
-        raise UserError(f"{ckpt}: adapter does not fit {base} ({type(e).__name__})") from None
-    model = model.merge_and_unload()
     tmp = out_path.with_name(f".{out_path.name}.merging")
     if tmp.exists():
         shutil.rmtree(tmp)
