@@ -71,3 +71,14 @@ def test_auto_without_chat_template_is_default(tokenizer):
     ids, labels = encode_conversation(tokenizer, "auto", CONV[1:3])
     assert tokenizer.decode(ids).startswith("<s><|User|>:你是谁")
     assert trained_spans(tokenizer, ids, labels) == ["我是小助手</s>"]
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_every_named_template_as_jinja_renders_the_text_it_trains_on(name, tokenizer):
+    """The chat template written into exports (GGUF, tokenizer_config) gives the very text training saw."""
+    from engine.data.templates import _pieces, as_jinja
+
+    for conv in (CONV, CONV[1:4], [{"role": "system", "content": ""}, *CONV[1:2]]):
+        want = "".join(t for t, _ in _pieces(TEMPLATES[name], tokenizer, conv, False))
+        got = tokenizer.apply_chat_template(conv, chat_template=as_jinja(name), tokenize=False)
+        assert got == want
