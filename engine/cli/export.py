@@ -94,9 +94,10 @@ def export(args) -> int:
         print(f"wrote {ex.path}  (llama.cpp: llama-cli -m {ex.path} -cnv)")
     elif args.format == "ollama":
         from engine.export.gguf import export_ollama
+        from engine.serve.generation import GenerationParams
 
-        out = export_ollama(args.source, args.out, quant=args.quant, base=args.base, force=args.force,
-                            progress=progress)
+        out = export_ollama(args.source, args.out, GenerationParams(), quant=args.quant, base=args.base,
+                            force=args.force, progress=progress)
         print(f"wrote {out}/Modelfile  (ollama create {out.resolve().name} -f {out}/Modelfile)")
     else:
         from engine.export.bundle import export_bundle

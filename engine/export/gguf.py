@@ -25,7 +25,6 @@ from engine.core.errors import UserError
 from engine.data.templates import TEMPLATES, as_jinja, as_ollama, resolve_template_name, stop_words
 from engine.export.merge import load_merged
 from engine.model.loading import load_tokenizer
-from engine.serve.generation import GenerationParams
 
 QUANTS = ("f16", "q8_0")
 _BLOCK = 32                                   # Q8_0's block width
@@ -300,10 +299,9 @@ def _merged(source: str, base: str | None, progress) -> tuple[Any, Path, dict[st
 
 
 # ---------------------------------------------------------------------------- Ollama
-def modelfile(gguf_name: str, ex: Exported, params: GenerationParams | None = None) -> str:
+def modelfile(gguf_name: str, ex: Exported, params: Any) -> str:
     """An Ollama Modelfile beside the GGUF: its TEMPLATE is the trained template, SYSTEM the trained
-    system prompt, a stop parameter per stop word."""
-    params = params or GenerationParams()
+    system prompt, a stop parameter per stop word, and ``params`` (serve's GenerationParams) as defaults."""
     if ex.template in TEMPLATES:
         template = as_ollama(ex.template, ex.eos)
     else:
@@ -322,7 +320,7 @@ def modelfile(gguf_name: str, ex: Exported, params: GenerationParams | None = No
     return "\n".join(lines) + "\n"
 
 
-def export_ollama(source: str, out: str | Path, *, quant: str = "f16", base: str | None = None,
+def export_ollama(source: str, out: str | Path, params: Any, *, quant: str = "f16", base: str | None = None,
                   force: bool = False, progress=print) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
@@ -331,7 +329,7 @@ def export_ollama(source: str, out: str | Path, *, quant: str = "f16", base: str
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.resolve().name) or "model"
     ex = export_gguf(source, out / f"{name}-{quant}.gguf", quant=quant, base=base, force=True, progress=progress)
     try:
-        text = modelfile(ex.path.name, ex)
+        text = modelfile(ex.path.name, ex, params)
     except UserError:
         ex.path.unlink(missing_ok=True)
         raise
