@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 # the CPU build of torch, on this machine's disk; a CUDA torch already installed is kept instead
 TORCH_CPU   := torch==2.13.0
 
-.PHONY: demo test install lock lint docs clean
+.PHONY: demo test test-bundle install lock lint docs clean
 
 # Every package but torch comes at the exact version in constraints.txt. A torch already installed for
 # $(PYTHON) (a CUDA build on a GPU box) is reused through --system-site-packages and never replaced;
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# The deploy bundle started from its own folder in a fresh venv (over a minute of installing; CI runs it).
+test-bundle: $(STAMP)
+	$(PY) -m pytest -q -m venv tests/test_export.py
 
 # Refresh the pins: the newest releases pyproject.toml's ranges allow, in a venv of their own, written
 # to constraints.txt; then the suite runs on them (a failure leaves the new pins for you to look at).

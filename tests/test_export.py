@@ -271,7 +271,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.venv
 def test_bundle_starts_from_its_own_folder_in_a_fresh_venv_and_answers(internlm2_run, tmp_path):
     import httpx
 
