@@ -6,16 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.core.errors import UserError
+from engine.export.merge import base_model_of
 from engine.model.internlm2 import export_adapter, is_internlm2
-from engine.model.loading import read_adapter_meta
 from engine.train.checkpoint import resolve_checkpoint
 
 
 def export_internlm2_adapter(adapter: str, out: str, base: str | None = None) -> Path:
     ckpt = resolve_checkpoint(adapter)
-    base = base or read_adapter_meta(ckpt).get("base_model")
-    if not base:
-        raise UserError(f"{ckpt}: its tunedeck.json names no base model; pass --base")
+    base = base_model_of(ckpt, base)
     if not is_internlm2(base):
         raise UserError(f"--base: {base} is not an InternLM2 checkpoint (config.json model_type internlm2)")
     target = Path(out)

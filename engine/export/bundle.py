@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import UserError
-from engine.export.merge import merge
+from engine.export.merge import base_model_of, merge
 from engine.model.loading import read_adapter_meta
 from engine.train.checkpoint import resolve_checkpoint
 from engine.train.runs import RunDirectory
@@ -164,9 +164,7 @@ def export_bundle(source: str, out: str | Path, *, base: str | None = None, forc
     if not (ckpt / "adapter_config.json").is_file():
         raise UserError(f"{ckpt}: the bundle is made from a LoRA/QLoRA run or checkpoint (no adapter_config.json)")
     meta = read_adapter_meta(ckpt)
-    base = base or meta.get("base_model")
-    if not base:
-        raise UserError(f"{ckpt}: its tunedeck.json names no base model; pass --base")
+    base = base_model_of(ckpt, base)
     run = RunDirectory(ckpt.parent) if RunDirectory(ckpt.parent).exists() else None
     recipe_text = run.config_path.read_text(encoding="utf-8") if run and run.config_path.is_file() else ""
     recipe = (YAML(typ="safe").load(recipe_text) or {}) if recipe_text else {}

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import UserError
-from engine.data.templates import TEMPLATES, as_jinja, as_ollama, resolve_template_name, stop_words
-from engine.export.merge import load_merged
+from engine.data.templates import TEMPLATES, as_jinja, as_ollama, resolve_template_name, stop_token_ids, stop_words
+from engine.export.merge import base_model_of, load_merged
 from engine.model.loading import load_tokenizer
 
 QUANTS = ("f16", "q8_0")
@@ -220,8 +220,7 @@ def export_gguf(source: str, out: str | Path, *, quant: str = "f16", base: str |
     template = resolve_template_name(meta.get("prompt_template") or "auto", tok)
     jinja = tok.chat_template if template == "hf" else as_jinja(template)
     stops = stop_words(tok, template)
-    eot = next((w for w in stops if w != tok.eos_token
-                and tok.convert_tokens_to_ids(w) not in (None, tok.unk_token_id)), None)
+    eot = next((i for i in stop_token_ids(tok, template) if i != tok.eos_token_id), None)
     context = int(getattr(config, "max_position_embeddings", 2048))
 
     tmp = out.with_name(f".{out.name}.writing")
@@ -262,9 +261,8 @@ def export_gguf(source: str, out: str | Path, *, quant: str = "f16", base: str |
         if i is not None:
             getattr(w, f"add_{kind}_token_id")(int(i))
     if eot is not None:
-        w.add_eot_token_id(int(tok.convert_tokens_to_ids(eot)))
-    w.add_add_bos_token(bool(tok("x")["input_ids"][:1] == [tok.bos_token_id]) if tok.bos_token_id is not None
-                        else False)
+        w.add_eot_token_id(int(eot))
+    w.add_add_bos_token(tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id])
     w.add_add_eos_token(False)
     if jinja:
         w.add_chat_template(jinja)
@@ -286,14 +284,11 @@ def export_gguf(source: str, out: str | Path, *, quant: str = "f16", base: str |
 
 
 def _merged(source: str, base: str | None, progress) -> tuple[Any, Path, dict[str, Any], Path | None]:
-    from engine.model.loading import read_adapter_meta
     from engine.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(source)
-    meta = read_adapter_meta(ckpt)
-    base = base or meta.get("base_model")
-    if (ckpt / "adapter_config.json").is_file() and not base:
-        raise UserError(f"{ckpt}: its tunedeck.json names no base model; pass --base")
+    if (ckpt / "adapter_config.json").is_file():
+        base = base_model_of(ckpt, base)
     model, ckpt, meta = load_merged(base or str(ckpt), str(ckpt), progress=progress)
     return model, ckpt, meta, Path(base) if base and Path(base).is_dir() else None
 

@@ -14,6 +14,14 @@ from engine.train.checkpoint import resolve_checkpoint
 MERGE_FORMATS = ("auto", "internlm2", "llama")
 
 
+def base_model_of(ckpt: Path, base: str | None = None) -> str:
+    """The base an adapter checkpoint belongs to: ``base`` when given, else the one its tunedeck.json names."""
+    base = base or read_adapter_meta(ckpt).get("base_model")
+    if not base:
+        raise UserError(f"{ckpt}: its tunedeck.json names no base model; pass --base")
+    return base
+
+
 def load_merged(base: str, adapter: str, *, device: str = "cpu", trust_remote_code: bool | None = None,
                 progress=print) -> tuple[Any, Path, dict[str, Any]]:
     """base+adapter merged in memory (transformers' layout: an InternLM2 base comes as Llama), with the
