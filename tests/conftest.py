@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -74,6 +76,29 @@ def workspace(tmp_path, tiny_model, identity_file, monkeypatch) -> Path:
     shutil.copy(DEMO_RECIPE, tmp_path / "demo.yaml")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, seconds: float, what: str, proc=None, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail naming ``what`` (and the log's tail) after ``seconds``,
+    or as soon as ``proc`` exits."""
+    import httpx
+
+    tail = (lambda: log.read_text(errors="replace")[-3000:]) if log else (lambda: "")
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc is None or proc.poll() is None, f"{what} exited: {tail()}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError(f"{what} did not come up: {tail()}")
 
 
 def run_cli(*args: str) -> int:

@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import NAME, run_cli
+from conftest import NAME, free_port, run_cli, wait_for_http
 
 from engine.data.identity import DEFAULT_ANSWER
 from engine.data.templates import TEMPLATES, _pieces
@@ -265,12 +263,6 @@ def test_llama_cpp_answers_as_tunedeck_does(internlm2_run, tmp_path):
     assert got["choices"][0]["text"].strip() == DEFAULT_ANSWER.format(name=NAME)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.venv
 def test_bundle_starts_from_its_own_folder_in_a_fresh_venv_and_answers(internlm2_run, tmp_path):
     import httpx
@@ -291,16 +283,7 @@ def test_bundle_starts_from_its_own_folder_in_a_fresh_venv_and_answers(internlm2
     log = open(tmp_path / "start.log", "wb")
     proc = subprocess.Popen([str(moved / "start.sh")], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "start.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            raise AssertionError("the bundle did not start: " + (tmp_path / "start.log").read_text()[-3000:])
+        wait_for_http(f"http://127.0.0.1:{port}/v1/models", 240, "the bundle", proc, tmp_path / "start.log")
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={

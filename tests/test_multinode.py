@@ -13,19 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import free_port, run_cli
 from test_methods import curve
 
 from engine.train.runs import RunDirectory
 
 COMMON = ["--set", "max_steps=4", "--set", "save_steps=2", "--set", "evaluation_inputs=[]", "--set", "shuffle=false",
           "--set", "accumulative_counts=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node(workspace: Path, rank: int, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:

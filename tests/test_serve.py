@@ -15,19 +15,13 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import NAME, run_cli
+from conftest import NAME, free_port, run_cli, wait_for_http
 
 from engine.data.identity import DEFAULT_ANSWER
 
 IDENTITY = DEFAULT_ANSWER.format(name=NAME)
 KEY = "sk-test-key"
 ASK = [{"role": "user", "content": "请做一下自我介绍"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -186,15 +180,7 @@ def test_serve_binds_loopback_and_shuts_down_cleanly_on_sigterm(tiny_model, trai
                              f"tuned={trained_run}", "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("service did not come up")
+        wait_for_http(f"http://127.0.0.1:{port}/health", 120, "the service")
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]
         proc.send_signal(signal.SIGTERM)
