@@ -291,3 +291,38 @@ async def test_at_80x24_the_run_log_keeps_eight_rows_and_pickers_stay_on_one_lin
         for widget in ("#chat-ckpt", "#chat-temperature", "#chat-max-tokens", "#chat-input"):
             assert app.query_one(widget).region.height == (3 if widget == "#chat-input" else 1)
         assert app.query_one("#chat-left").region.height >= 6
+
+
+def burst(app, keys: str | list[str]) -> None:
+    """Keys arriving together, as over SSH where one packet carries several: all posted to the app
+    before it handles the first (Pilot.press waits between keys; a person's terminal does not)."""
+    from textual import events
+    from textual.keys import _character_to_key
+
+    for k in keys:
+        char = k if len(k) == 1 else ("\r" if k == "enter" else None)
+        app.post_message(events.Key(_character_to_key(k) if len(k) == 1 else k, char))
+
+
+async def test_keys_typed_ahead_reach_what_the_keys_before_them_opened(ws):
+    """`/lr⏎5e-3` in one packet sets lr (the keys behind `/` went to the form and were lost); F5 and the
+    new name in one packet name the copy (the name went to the Configs filter); a digit and the keys
+    after it act on the new screen."""
+    from textual.widgets import Input
+
+    from engine.recipe.schema import RecipeDocument
+
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        burst(app, [*"mine", "escape", "f5", *"copy", "enter"])
+        await wait_for(pilot, lambda: (ws / "configs" / "copy.yaml").is_file(), 10, "the copy")
+        assert app.query_one("#cfg-filter", Input).value == "mine"
+        await pilot.pause(0.3)
+        burst(app, ["enter"])                            # edit the copy (the cursor is on it)
+        await wait_for(pilot, lambda: "copy.yaml" in str(app.query_one("#ed-title").render()), 10, "the editor")
+        burst(app, [*"/lr", "enter", *"5e-3", "escape", "ctrl+s", "3"])
+        await wait_for(pilot, lambda: active(app) == "runs", 10, "the Runs screen")
+        await pilot.pause(0.3)
+        assert float(RecipeDocument.load(ws / "configs" / "copy.yaml").get("train.lr")) == 5e-3
+        assert app.query_one("#ed-jump", Input).value == ""

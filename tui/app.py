@@ -7,7 +7,7 @@ import importlib
 from functools import partial
 from pathlib import Path
 
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.widget import MountError, Widget
@@ -15,6 +15,7 @@ from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from .client import ServiceClient
 from .messages import ChatWith, ConfigsChanged, EditConfig, ShowRun
+from .typeahead import TypeaheadApp
 from .typing import in_field
 
 # keys a screen handles itself (not app bindings), for the ? screen
@@ -136,7 +137,7 @@ class TunedeckCommands(Provider):
                 yield Hit(score / 2, matcher.highlight(name), callback, help=help_text)
 
 
-class TunedeckApp(App):
+class TunedeckApp(TypeaheadApp):
     CSS_PATH = Path(__file__).parent / "app.tcss"   # absolute: subclasses elsewhere find it too
     TITLE = "tunedeck"
     COMMANDS = {TunedeckCommands}
@@ -237,14 +238,26 @@ class TunedeckApp(App):
             # pane being hidden, and TabbedContent then switches back to that pane
             self.set_focus(None)
         tabs.active = tab
+        # focus moves now, not after the next frame: keys typed right behind the digit reach the new
+        # screen (a built screen); one still being built is focused once it is on the terminal
+        self._focus_pane(tab, force=True)
         self.call_after_refresh(self._focus_pane, tab)
 
-    def _focus_pane(self, tab: str) -> None:
+    def _focus_pane(self, tab: str, force: bool = False) -> None:
+        """Focus the screen's resting widget; unless ``force``, only where focus is not on that screen
+        already (a later call must not take focus from a field the user has moved to meanwhile)."""
         if self.query_one("#tabs", TabbedContent).active != tab:     # the user has moved on meanwhile
             return
         targets = self.query(self.FOCUS.get(tab, f"#{tab}-pane"))
-        if targets:
-            targets.first().focus()
+        if targets and (force or self.focused is None or not self._in_pane(self.focused, tab)):
+            # at once (Widget.focus waits for the next message: keys already queued would miss it), on
+            # the widget's own screen (a dialog may be open over it)
+            target = targets.first()
+            target.screen.set_focus(target)
+
+    @staticmethod
+    def _in_pane(widget, tab: str) -> bool:
+        return any(getattr(node, "id", None) == tab for node in widget.ancestors_with_self)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if self.screen_stack:
@@ -280,11 +293,12 @@ class TunedeckApp(App):
 
     def action_find(self) -> None:
         if self._tabs is not None and (target := self.query(self.FIND.get(self._tabs.active, "#none"))):
-            target.first().focus()
+            field = target.first()
+            field.screen.set_focus(field)        # at once: the letters typed next go into it
 
     def action_leave_field(self) -> None:
         if in_field(self.focused) and self._tabs is not None:
-            self._focus_pane(self._tabs.active)
+            self._focus_pane(self._tabs.active, force=True)
 
     def action_help(self) -> None:
         from .dialogs import KeysScreen

@@ -107,7 +107,7 @@ class ConfigsPane(Vertical):
         return catalogue.CONFIG_ROOT in path.resolve().parents
 
     def action_focus_filter(self) -> None:
-        self.query_one("#cfg-filter", Input).focus()
+        self.screen.set_focus(self.query_one("#cfg-filter", Input))
 
     def _current(self) -> Path | None:
         """The recipe under the tree's cursor (what F5 / F4 act on)."""

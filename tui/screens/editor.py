@@ -161,7 +161,7 @@ class EditorPane(Vertical):
             return
         self.query_one(f"#sec-{match.path.split('.', 1)[0]}", Collapsible).collapsed = False
         widget = self.query_one("#" + widget_id(match.path))
-        widget.focus()
+        self.screen.set_focus(widget, scroll_visible=False)   # at once: what is typed next is its value
         widget.scroll_visible(top=True, animate=False)
         event.input.value = ""
 
