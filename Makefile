@@ -32,8 +32,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tunedeck demo $(DEMO_ARGS)
 
+# Two workers, one core and one torch thread each (tests/conftest.py); a test file stays on one worker.
+# Most tests wait on a process they started (a run, a service, the app in tmux): one worker alone
+# left a core idle most of the time.
+WORKERS     ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The deploy bundle started from its own folder in a fresh venv (over a minute of installing; CI runs it).
 test-bundle: $(STAMP)

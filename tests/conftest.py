@@ -20,6 +20,12 @@ os.environ["TEXTUAL_ANIMATIONS"] = "none"    # snapshots must not catch an anima
 # converted InternLM2 checkpoints go to a cache of the run's own, never the user's ~/.cache
 os.environ["TUNEDECK_CACHE"] = tempfile.mkdtemp(prefix="tunedeck-test-cache-")
 os.environ["HF_MODULES_CACHE"] = os.path.join(os.environ["TUNEDECK_CACHE"], "hf-modules")   # remote code tests
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one core a worker (runs it starts included): two workers with two threads each thrash two cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "configs" / "demo" / "demo_tiny_qlora_self.yaml"

@@ -104,7 +104,7 @@ async def test_pick_copy_edit_and_save_a_recipe(tmp_path):
 @pytest.fixture
 def run_workspace(workspace) -> Path:
     cfg = (REPO / "configs/demo/demo_tiny_qlora_self.yaml").read_text()
-    cfg = cfg.replace("  seed: 0\n", "  seed: 0\n  max_steps: 120\n").replace("save_steps: 20", "save_steps: 1000")
+    cfg = cfg.replace("  seed: 0\n", "  seed: 0\n  max_steps: 80\n").replace("save_steps: 20", "save_steps: 1000")
     cfg = cfg.replace("evaluation_freq: 20", "evaluation_freq: 100")
     (workspace / "configs").mkdir()
     (workspace / "configs" / "tiny.yaml").write_text(cfg)
@@ -112,7 +112,7 @@ def run_workspace(workspace) -> Path:
     return workspace
 
 
-async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus):
+async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus, monkeypatch):
     from textual.widgets import Log, Select, Sparkline
 
     from engine.train.runs import RunDirectory, find_runs
@@ -120,6 +120,9 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus)
     from tui.widgets.plot import LossPlot
 
     ws = run_workspace
+    # steps of at least 0.05 s, so the run is still going when the stop comes on any machine (a fast one
+    # had trained all 120 steps of the run before it)
+    monkeypatch.setenv("TUNEDECK_FAULT_STEP_DELAY", "0.05")
     app = TunedeckApp(ws)
     async with app.run_test(size=(120, 36)) as pilot:
         await built(pilot)
@@ -175,7 +178,7 @@ async def test_start_watch_stop_resume_and_reopen_a_run(run_workspace, two_gpus)
         await pilot.pause(0.8)
         assert len(app.query_one("#rv-loss", Sparkline).data) == total
         assert "finished" in str(app.query_one("#rv-title").render())
-        assert "step 120/120" in str(app.query_one("#rv-numbers").render())
+        assert "step 80/80" in str(app.query_one("#rv-numbers").render())
 
 
 @pytest.fixture
