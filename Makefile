@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 # the CPU build of torch, on this machine's disk; a CUDA torch already installed is kept instead
 TORCH_CPU   := torch==2.13.0
 
-.PHONY: demo test test-bundle install lock lint docs clean
+.PHONY: demo test test-bundle test-llamacpp install lock lint docs clean
 
 # Every package but torch comes at the exact version in constraints.txt. A torch already installed for
 # $(PYTHON) (a CUDA build on a GPU box) is reused through --system-site-packages and never replaced;
@@ -44,13 +44,21 @@ test: $(STAMP)
 test-bundle: $(STAMP)
 	$(PY) -m pytest -q -m venv tests/test_export.py
 
+# llama.cpp itself reading an exported GGUF: the same tokens and the same greedy answer as tunedeck.
+# llama-cpp-python builds llama.cpp from source (about 4 minutes on 2 cores, once per venv; CI runs it).
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+
+test-llamacpp: $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[llamacpp]'
+	TUNEDECK_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q tests/test_export.py -k llama_cpp
+
 # Refresh the pins: the newest releases pyproject.toml's ranges allow, in a venv of their own, written
 # to constraints.txt; then the suite runs on them (a failure leaves the new pins for you to look at).
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q $(TORCH_CPU)
-	.venv-lock/bin/python -m pip install -q -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" .venv-lock/bin/python -m pip install -q -e '.[test,llamacpp]'
 	{ echo "# Exact versions the suite passed with (make lock rewrites this file; torch is installed apart)."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -E '^(torch|nvidia-|triton)=='; } > $(CONSTRAINTS)
 	rm -rf .venv-lock

@@ -5,6 +5,11 @@ the same rows in the same order (16 packed 1024-token rows a step, as tunedeck's
 recipe's AdamW, warm-up + cosine and clipping, Unsloth's own gradient checkpointing and its fused
 loss. Run in its own process: Unsloth patches transformers when it is imported.
 
+Each forward passes Unsloth's packing metadata (``packed_seq_lengths``: every sample's length, row
+after row, padding its own segment), so its attention keeps the packed samples apart as tunedeck's
+does. Without it Unsloth attends across the samples of a row: a different computation, whose first
+loss was 11.69 against 12.11 (bench/packed_attention_check.py measures that difference alone).
+
     python bench/unsloth_loop.py OUT.json --steps 30 [--dropout 0.1] [--rows-per-forward 16]
 """
 
@@ -18,6 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def segment_lengths(position_ids: list[list[int]]) -> list[int]:
+    """Each packed sample's length, row after row (a sample starts where its position ids restart at
+    0; a row's padding is a segment of its own): Unsloth's ``packed_seq_lengths``."""
+    out = []
+    for row in position_ids:
+        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        out += [b - a for a, b in zip(starts, starts[1:])]
+    return out
 
 
 def unsloth_loop(r, steps: int, rows_per_forward: int, dropout: float) -> dict:
@@ -47,10 +62,13 @@ def unsloth_loop(r, steps: int, rows_per_forward: int, dropout: float) -> dict:
         total = 0.0
         for s in range(0, len(window), rows_per_forward):
             part = window[s:s + rows_per_forward]
-            b = {k: torch.tensor(v, device="cuda") for k, v in collate(part, tok.pad_token_id).items()}
+            cols = collate(part, tok.pad_token_id)
+            b = {k: torch.tensor(v, device="cuda") for k, v in cols.items()}
+            lengths = torch.tensor(segment_lengths(cols["position_ids"]), dtype=torch.int32, device="cuda")
             m = sum(sum(1 for y in row.labels[1:] if y != IGNORE_INDEX) for row in part)
             with torch.autocast("cuda", dtype=torch.bfloat16):    # as its trainer runs with bf16=True
-                out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"])
+                out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"],
+                            packed_seq_lengths=lengths)
             # its loss is the token mean of this forward: weighted to the window's token mean
             (out.loss * (m / n)).backward()
             total += float(out.loss) * m
@@ -62,8 +80,8 @@ def unsloth_loop(r, steps: int, rows_per_forward: int, dropout: float) -> dict:
         "what": f"Unsloth {unsloth.__version__} (unsloth_zoo {unsloth_zoo.__version__}): FastLanguageModel 4-bit, "
                 f"get_peft_model r{r.lora.r}/alpha{r.lora.alpha}/dropout {dropout}, its gradient checkpointing "
                 f"and fused loss, {rows_per_forward} rows per forward, bf16 autocast, the recipe's optimizer",
-        "note": "Unsloth attends across the packed samples of a row unless it finds its own packing metadata; "
-                "position_ids restart per sample as in every other run",
+        "note": "packed_seq_lengths passed with every forward: Unsloth keeps the packed samples apart, as "
+                "every other run; position_ids restart per sample",
         "unsloth": unsloth.__version__, "unsloth_zoo": unsloth_zoo.__version__,
         "transformers": __import__("transformers").__version__, "load_s": round(load_s, 1), **res}
 

@@ -31,3 +31,17 @@ def test_a_samples_logits_do_not_change_when_another_is_packed_beside_it(request
     torch.testing.assert_close(packed[0, 23:], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[1, :17], alone, atol=1e-5, rtol=1e-5)   # padding after it changes nothing
     assert (leaky[23:] - alone).abs().max() > 1e-3
+
+
+def test_the_unsloth_bench_passes_each_packed_samples_length():
+    """bench/unsloth_loop.py tells Unsloth where the packed samples of a row start (its
+    packed_seq_lengths): one length per sample, row after row, the padding a segment of its own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from unsloth_loop import segment_lengths
+
+    rows = [Row([5] * 40, [0] * 40, list(range(23)) + list(range(17))), Row([6] * 17, [0] * 17, list(range(17)))]
+    batch = collate(rows, pad_id=3)
+    assert segment_lengths(batch["position_ids"]) == [23, 17, 17, 23]
