@@ -135,8 +135,12 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_compare_merge_chat(works
         t.wait_for("Start (n)")
         t.keys("5")
         t.wait_for("work_dirs")
-        time.sleep(0.5)
-        t.keys("Down", "Down", "Down", "Down", "Enter", "Down", "Enter", "Down")   # work_dirs/mine/checkpoint-4
+        # a folder's entries are read after it opens: a person waits to see them, and so does the test
+        t.keys("Down", "Down", "Down", "Down", "Enter")   # work_dirs
+        t.wait_for("quick")
+        t.keys("Down", "Enter")                          # work_dirs/mine
+        t.wait_for("checkpoint-8")
+        t.keys("Down")                                   # work_dirs/mine/checkpoint-4
         t.wait_for("checkpoint checkpoint-4")
         t.keys("C-p")
         t.type("merge checkpoint")
