@@ -238,30 +238,29 @@ async def test_data_screen_generates_identity_data_and_checks_a_dataset(workspac
 
 
 async def test_chat_streams_two_different_answers_side_by_side(trained_workspace):
-    from textual.widgets import Input, Select
+    """Asked before any checkpoint is picked, as a person does after training: the newest checkpoint is
+    taken, the service starts, and the question goes to both sides once it is ready."""
+    from textual.widgets import Select
 
     from engine.data.identity import DEFAULT_ANSWER
     from engine.train.runs import RunDirectory
     from tui.app import TunedeckApp
-    from tui.screens.chat import checkpoint_choices
 
     identity = DEFAULT_ANSWER.format(name="NagatoYuki")
     ckpt = RunDirectory(trained_workspace / "work_dirs" / "demo").latest_checkpoint()
     app = TunedeckApp(trained_workspace)
+    notes: list[str] = []
     async with app.run_test(size=(120, 36)) as pilot:
         await built(pilot)
-        await pilot.press("4")
-        await pilot.pause()
+        app.notify = lambda msg, **kw: notes.append(msg)
+        await pilot.press("4", *"请做一下自我介绍", "enter")       # typed anywhere on Chat: the prompt
         pane = app.query_one("#chat-pane")
-        choices = dict(checkpoint_choices(trained_workspace))
-        app.query_one("#chat-ckpt", Select).value = next(v for k, v in choices.items() if k.endswith(ckpt.name))
-        await wait_for(pilot, lambda: pane.right_model is not None, 180, "the service to start")
-        box = app.query_one("#chat-input", Input)
-        box.value = "请做一下自我介绍"
-        box.focus()
-        await pilot.press("enter")
+        assert Path(str(app.query_one("#chat-ckpt", Select).value)).resolve() == ckpt.resolve()
+        assert any("newest checkpoint" in n for n in notes), notes
         left, right = app.query_one("#chat-left"), app.query_one("#chat-right")
-        await wait_for(pilot, lambda: len(left.history) == 2 and len(right.history) == 2, 120, "both answers")
+        await wait_for(pilot, lambda: len(left.history) == 2 and len(right.history) == 2, 180, "both answers")
+        assert pane.right_model is not None and pane.pending is None
+        assert right.history[0]["content"] == "请做一下自我介绍"
         assert right.history[1]["content"] == identity
         assert left.history[1]["content"] and left.history[1]["content"] != identity
         assert app.service.proc is not None

@@ -326,3 +326,16 @@ async def test_keys_typed_ahead_reach_what_the_keys_before_them_opened(ws):
         await pilot.pause(0.3)
         assert float(RecipeDocument.load(ws / "configs" / "copy.yaml").get("train.lr")) == 5e-3
         assert app.query_one("#ed-jump", Input).value == ""
+
+
+async def test_asking_on_chat_without_any_checkpoint_says_what_to_do(ws):
+    app = app_for(ws)
+    notes: list[str] = []
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        app.notify = lambda msg, **kw: notes.append(msg)
+        await pilot.press("4", *"hi", "enter")
+        await pilot.pause()
+        assert notes == ["no checkpoint to chat with yet: train a run first (3 Runs)"]
+        assert app.query_one("#chat-input").value == "hi"        # kept, not thrown away
+        assert app.query_one("#chat-pane").pending is None

@@ -147,6 +147,7 @@ class ChatPane(Vertical):
         self.right_model: str | None = None
         self.left_model = "base"
         self.llava = False
+        self.pending: str | None = None     # a question asked before the service was ready: sent then
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-controls"):
@@ -230,7 +231,12 @@ class ChatPane(Vertical):
     def _connect(self, ckpt: Path) -> None:
         if (ckpt / "llava.json").is_file():
             self._connect_llava(ckpt)
-            return
+        else:
+            self._connect_lora(ckpt)
+        if self.right_model is None:        # it failed (the status line says why): no question waits on it
+            self.pending = None
+
+    def _connect_lora(self, ckpt: Path) -> None:
         self.app.call_from_thread(self.set_llava, False)
         self.left_model = "base"
         base = base_of(ckpt)
@@ -249,6 +255,7 @@ class ChatPane(Vertical):
         self.app.call_from_thread(self.query_one("#chat-left", Transcript).set_title, f"base · {Path(base).name}")
         self.app.call_from_thread(self.query_one("#chat-right", Transcript).set_title, name)
         say(f"ready: {self.service.url}", "green")
+        self.app.call_from_thread(self._send_pending)
 
     def _connect_llava(self, ckpt: Path) -> None:
         """Left: the pretrain checkpoint (projector only); right: this finetune checkpoint."""
@@ -276,6 +283,7 @@ class ChatPane(Vertical):
                                   f"pre-finetune · {pre.parent.name}/{pre.name}")
         self.app.call_from_thread(self.query_one("#chat-right", Transcript).set_title, name)
         say(f"ready: {self.service.url} — pick an image, then ask", "green")
+        self.app.call_from_thread(self._send_pending)
 
     @on(Input.Submitted, "#chat-input")
     def send(self, event: Input.Submitted) -> None:
@@ -283,13 +291,37 @@ class ChatPane(Vertical):
         if not prompt:
             return
         if self.right_model is None:
-            self.app.notify("pick a fine-tuned checkpoint first (it starts the service)", severity="warning")
+            # asked before a model is ready: the question waits for the checkpoint being connected, or
+            # for the newest checkpoint, picked now
+            sel = self.query_one("#chat-ckpt", Select)
+            if not chosen(sel.value):
+                choices = checkpoint_choices(self.workspace)
+                if not choices:
+                    self.app.notify("no checkpoint to chat with yet: train a run first (3 Runs)", severity="warning")
+                    return
+                self.app.notify(f"asking {choices[0][0]}, the newest checkpoint (pick another above)")
+                self.pending = prompt
+                event.input.value = ""
+                sel.value = choices[0][1]            # connects it (checkpoint_changed)
+                return
+            self.pending = prompt
+            event.input.value = ""
+            self.status("starting the model: the question goes as soon as it is ready")
             return
+        self._ask(prompt, event.input)
+
+    def _send_pending(self) -> None:
+        prompt, self.pending = self.pending, None
+        if prompt and self.right_model is not None:
+            self._ask(prompt, None)
+
+    def _ask(self, prompt: str, field: Input | None) -> None:
         image = self.image_path() if self.llava else None
         if image is not None and not Path(image).is_file():
             self.app.notify(f"{image}: no such image", severity="error")
             return
-        event.input.value = ""
+        if field is not None:
+            field.value = ""
         for side, model in (("#chat-left", self.left_model), ("#chat-right", self.right_model)):
             t = self.query_one(side, Transcript)
             t.ask(prompt)
