@@ -292,3 +292,47 @@ def test_data_check_counts_images_and_their_positions(llava_ws, capsys):
         assert "records:   1820 (1800 with an image)" in out and "[image → 16 positions]" in out
     finally:
         os.chdir(old)
+
+
+def test_requests_that_arrive_together_are_generated_together_with_their_own_adapters(llava_ws):
+    """The two sides of a comparison (pre-finetune and finetuned, each with its own projector and
+    adapters) in one generate: each row answers exactly as it does alone."""
+    from engine.llava.serve import LlavaHost
+    from engine.serve.generation import GenerationParams
+    from engine.serve.scheduler import GenRequest
+
+    ws = llava_ws
+    host = LlavaHost(str(ws / "models/tiny-chat-vl"), str(ws / "models/tiny-clip"),
+                     [("pre", str(ws / "work_dirs/llava_pretrain")), ("post", str(ws / "work_dirs/llava_finetune"))],
+                     workspace=ws)
+    item = json.loads((ws / "data/shapes/heldout.json").read_text())[1]
+    calls = []
+    real = host.model.llm.generate
+    host.model.llm.generate = lambda *a, **k: calls.append(k.get("adapter_names")) or real(*a, **k)
+
+    def request(model: str, item: dict, question: str) -> tuple[GenRequest, list]:
+        msgs = [{"role": "user", "content": f"<image>\n{question}"}]
+        ids, _, stop_ids = host.encode(model, msgs)
+        out: list = []
+        r = GenRequest(model, ids, GenerationParams(max_new_tokens=8), stop_ids, emit=out.append,
+                       images=[host.open_image(f"data/shapes/images/{item['image']}")])
+        return r, out
+
+    def text(out: list) -> str:
+        return "".join(x[1] for x in out if x[0] == "delta")
+
+    asks = [("post", item, "What shape is it?"), ("pre", item, "What shape is it?"),
+            ("post", item, "Where is the shape?")]
+    alone = []
+    for a in asks:
+        r, out = request(*a)
+        host.run_batch([r])
+        alone.append(text(out))
+    assert len(calls) == 3
+    calls.clear()
+    together = [request(*a) for a in asks]
+    host.run_batch([r for r, _ in together])
+    assert calls == [["post", "__base__", "post"]]                  # one generate, an adapter per row
+    assert [text(out) for _, out in together] == alone
+    assert alone[0] == item["shape"] and alone[2] == item["place"] and alone[1] != alone[0]
+    assert all(out[-1][0] == "done" for _, out in together)

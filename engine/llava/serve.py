@@ -1,7 +1,8 @@
 """Serving LLaVA checkpoints: one LLM and one vision tower in memory; each served name (a pretrain
 or a finetune checkpoint) brings its own projector and, when it has them, LoRA adapters of the LLM
-and the vision tower (PEFT named adapters, switched per request). Same interface as ModelHost, so
-the OpenAI server, the scheduler and the web page work unchanged; requests run one at a time."""
+and the vision tower (PEFT named adapters). Same interface as ModelHost, so the OpenAI server, the
+scheduler and the web page work unchanged; requests that arrive together (the two sides of a
+comparison) are generated together, each row with its own projector and adapters."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from engine.llava.model import (
     load_projector,
     load_vision,
 )
-from engine.serve.generation import IncrementalText
+from engine.serve.generation import RowStreams, sampling_kwargs
 from engine.serve.scheduler import GenRequest, ServedModel
 
 
@@ -117,7 +118,7 @@ class LlavaHost:
 
     @contextlib.contextmanager
     def _use(self, name: str):
-        """The served name's projector and adapters for the duration of one request."""
+        """The served name's projector and adapters while one request's image and prompt are embedded."""
         e = self.entries[name]
         m = self.model
         m.projector = e["projector"]
@@ -133,77 +134,40 @@ class LlavaHost:
 
     @torch.inference_mode()
     def run_batch(self, reqs: list[GenRequest]) -> None:
-        with self.lock:
-            for r in reqs:                    # one at a time: each may use another projector / adapter
-                if not r.cancelled.is_set():
-                    self._generate(r)
+        """One ``generate`` for the whole batch: each request's image goes through its own vision adapter
+        and projector into its prompt's embeddings, the rows are left-padded together, and each row's
+        LLM adapter is chosen per row (PEFT's mixed-adapter batch; the base where it has none)."""
+        reqs = [r for r in reqs if not r.cancelled.is_set()]
+        if not reqs:
+            return
+        with self.lock, torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
+                                       enabled=self.precision.autocast_dtype is not None):
+            self._generate(reqs)
 
-    def _generate(self, r: GenRequest) -> None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
+    def _generate(self, reqs: list[GenRequest]) -> None:
         tok = self.tokenizer
-        text = IncrementalText(tok, r.params.stop)
-        state = {"done": False, "first": True}
-
-        def finish(reason: str) -> None:
-            if state["done"]:
-                return
-            state["done"] = True
-            r.finish_reason = reason
-            if reason == "length":
-                tail = text.flush()
-                if tail:
-                    r.emit(("delta", tail))
-            n = len(text.ids)
-            r.emit(("done", reason, {"prompt_tokens": len(r.prompt_ids), "completion_tokens": n,
-                                     "total_tokens": len(r.prompt_ids) + n}))
-
-        class Streamer(BaseStreamer):
-            def put(self, value: torch.Tensor) -> None:
-                if state["first"]:              # generate first hands over the prompt (none from embeddings)
-                    state["first"] = False
-                    if value.numel() == 0 or value.dim() > 1 and value.shape[-1] != 1:
-                        return
-                for t in value.reshape(-1).tolist():
-                    if state["done"]:
-                        return
-                    if r.cancelled.is_set():
-                        finish("cancelled")
-                    elif t in r.stop_ids:
-                        finish("stop")
-                    else:
-                        delta = text.push(t)
-                        if delta:
-                            r.emit(("delta", delta))
-                        if text.stopped:
-                            finish("stop")
-                        elif len(text.ids) >= r.params.max_new_tokens:
-                            finish("length")
-
-            def end(self) -> None:
-                finish("cancelled" if r.cancelled.is_set() else "length")
-
-        class Done(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                if r.cancelled.is_set():
-                    finish("cancelled")
-                return torch.full((input_ids.shape[0],), state["done"], dtype=torch.bool, device=input_ids.device)
-
-        p = r.params
-        sample = p.temperature > 0
-        if sample and r.seed is not None:
-            torch.manual_seed(r.seed)
-        ids = torch.tensor([r.prompt_ids], device=self.device)
-        pixels = self.images(r.images).to(self.device) if r.images else None
-        with self._use(r.model), torch.autocast(self.device.type, dtype=self.precision.autocast_dtype or torch.float32,
-                                                enabled=self.precision.autocast_dtype is not None):
-            self.model.generate(ids, pixels, max_new_tokens=p.max_new_tokens, do_sample=sample,
-                                temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
-                                top_k=(p.top_k or None) if sample else None,
-                                repetition_penalty=p.repetition_penalty, pad_token_id=tok.pad_token_id or 0,
-                                eos_token_id=None, streamer=Streamer(),
-                                stopping_criteria=StoppingCriteriaList([Done()]))
+        embeds = []
+        for r in reqs:
+            pixels = self.images(r.images).to(self.device) if r.images else None
+            with self._use(r.model):
+                embeds.append(self.model.embed(torch.tensor([r.prompt_ids], device=self.device), pixels)[0])
+        width = max(e.shape[0] for e in embeds)
+        emb = embeds[0].new_zeros((len(reqs), width, embeds[0].shape[-1]))
+        mask = torch.zeros((len(reqs), width), dtype=torch.long, device=self.device)
+        for i, e in enumerate(embeds):              # left padding: every row ends at the same column
+            emb[i, width - e.shape[0]:] = e
+            mask[i, width - e.shape[0]:] = 1
+        kw: dict[str, Any] = {}
+        if hasattr(self.model.llm, "peft_config"):
+            kw["adapter_names"] = [r.model if self.entries[r.model]["llm"] else "__base__" for r in reqs]
+        rows = RowStreams(reqs, tok)
+        sampling = sampling_kwargs(reqs[0].params)
+        if sampling["do_sample"] and reqs[0].seed is not None:
+            torch.manual_seed(reqs[0].seed)
+        self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, **kw, **sampling,
+                                max_new_tokens=max(r.params.max_new_tokens for r in reqs),
+                                pad_token_id=tok.pad_token_id or 0, eos_token_id=None, streamer=rows.streamer(),
+                                stopping_criteria=rows.stopping())
 
 
 def _add_adapter(part: Any, path: Path, name: str) -> tuple[Any, bool]:

@@ -104,6 +104,93 @@ class IncrementalText:
         return delta
 
 
+def sampling_kwargs(p: GenerationParams) -> dict[str, Any]:
+    """``generate``'s sampling arguments for these settings (greedy at temperature 0)."""
+    sample = p.temperature > 0
+    return dict(do_sample=sample, temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
+                top_k=(p.top_k or None) if sample else None, repetition_penalty=p.repetition_penalty)
+
+
+class RowStreams:
+    """A batch's requests fed by one ``generate``: each step's token of every row goes to that row's
+    request as text deltas, and a row ends at its stop ids, stop words, max_tokens or when its client
+    leaves. ``streamer()`` and ``stopping()`` are for ``generate``; ``reqs`` are GenRequests."""
+
+    def __init__(self, reqs: list, tokenizer: Any):
+        self.reqs = reqs
+        self.texts = [IncrementalText(tokenizer, r.params.stop) for r in reqs]
+        self.finished = torch.zeros(len(reqs), dtype=torch.bool)
+
+    def finish(self, i: int, reason: str) -> None:
+        if self.finished[i]:
+            return
+        self.finished[i] = True
+        r, text = self.reqs[i], self.texts[i]
+        r.finish_reason = reason
+        if reason == "length":
+            tail = text.flush()
+            if tail:
+                r.emit(("delta", tail))
+        n = len(text.ids)
+        r.emit(("done", reason, {"prompt_tokens": len(r.prompt_ids), "completion_tokens": n,
+                                 "total_tokens": len(r.prompt_ids) + n}))
+
+    def push(self, tokens: list[int]) -> None:
+        for i, t in enumerate(tokens):
+            r, text = self.reqs[i], self.texts[i]
+            if self.finished[i]:
+                continue
+            if r.cancelled.is_set():
+                self.finish(i, "cancelled")
+            elif t in r.stop_ids:
+                self.finish(i, "stop")
+            else:
+                delta = text.push(t)
+                if delta:
+                    r.emit(("delta", delta))
+                if text.stopped:
+                    self.finish(i, "stop")
+                elif len(text.ids) >= r.params.max_new_tokens:
+                    self.finish(i, "length")
+
+    def end(self) -> None:
+        for i, r in enumerate(self.reqs):
+            self.finish(i, "cancelled" if r.cancelled.is_set() else "length")
+
+    def streamer(self) -> Any:
+        from transformers.generation.streamers import BaseStreamer
+
+        rows = self
+
+        class Streamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:       # generate hands over the prompt first (empty from embeddings)
+                    self.prompt_seen = True
+                    return
+                rows.push(value.reshape(-1).tolist())
+
+            def end(self) -> None:
+                rows.end()
+
+        return Streamer()
+
+    def stopping(self) -> Any:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        rows = self
+
+        class RowsDone(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                for i, r in enumerate(rows.reqs):      # a client that left stops its row at once
+                    if r.cancelled.is_set() and not rows.finished[i]:
+                        rows.finish(i, "cancelled")
+                return rows.finished.to(input_ids.device).clone()
+
+        return StoppingCriteriaList([RowsDone()])
+
+
 @torch.inference_mode()
 def stream_generate(model: Any, tokenizer: Any, input_ids: list[int], params: GenerationParams,
                     stop_ids: list[int] | None = None, seed: int | None = None) -> Iterator[str]:

@@ -21,7 +21,7 @@ import torch
 from engine.core.errors import UserError
 from engine.data.templates import TEMPLATE_NAMES, encode_prompt, resolve_template_name, stop_token_ids, stop_words
 from engine.model.loading import load_model, load_tokenizer, pick_precision, read_adapter_meta
-from engine.serve.generation import GenerationParams, IncrementalText
+from engine.serve.generation import GenerationParams, RowStreams, sampling_kwargs
 from engine.serve.multilora import MultiLora
 from engine.train.checkpoint import resolve_checkpoint
 
@@ -137,9 +137,6 @@ class ModelHost:
             self._run_batch(reqs)
 
     def _run_batch(self, reqs: list[GenRequest]) -> None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         width = max(len(r.prompt_ids) for r in reqs)
@@ -150,75 +147,16 @@ class ModelHost:
             mask[i, width - len(r.prompt_ids):] = 1
         if self.lora is not None:
             self.lora.set_rows([r.model if r.model != BASE else None for r in reqs])
-        texts = [IncrementalText(tok, r.params.stop) for r in reqs]
-        finished = torch.zeros(len(reqs), dtype=torch.bool)
-
-        def finish(i: int, reason: str) -> None:
-            if finished[i]:
-                return
-            finished[i] = True
-            reqs[i].finish_reason = reason
-            if reason == "length":
-                tail = texts[i].flush()
-                if tail:
-                    reqs[i].emit(("delta", tail))
-            n = len(texts[i].ids)
-            reqs[i].emit(("done", reason, {"prompt_tokens": len(reqs[i].prompt_ids), "completion_tokens": n,
-                                           "total_tokens": len(reqs[i].prompt_ids) + n}))
-
-        class RowStreamer(BaseStreamer):
-            """Routes each step's new token of every row to that row's request."""
-
-            def __init__(self):
-                self.prompt_seen = False
-
-            def put(self, value: torch.Tensor) -> None:
-                if not self.prompt_seen:        # generate first hands over the prompt
-                    self.prompt_seen = True
-                    return
-                for i, t in enumerate(value.reshape(-1).tolist()):
-                    r = reqs[i]
-                    if finished[i]:
-                        continue
-                    if r.cancelled.is_set():
-                        finish(i, "cancelled")
-                        continue
-                    if t in r.stop_ids:
-                        finish(i, "stop")
-                        continue
-                    delta = texts[i].push(t)
-                    if delta:
-                        r.emit(("delta", delta))
-                    if texts[i].stopped:
-                        finish(i, "stop")
-                    elif len(texts[i].ids) >= r.params.max_new_tokens:
-                        finish(i, "length")
-
-            def end(self) -> None:
-                for i in range(len(reqs)):
-                    finish(i, "cancelled" if reqs[i].cancelled.is_set() else "length")
-
-        class RowsDone(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                for i, r in enumerate(reqs):      # a client that left stops its row at once
-                    if r.cancelled.is_set() and not finished[i]:
-                        finish(i, "cancelled")
-                return finished.to(input_ids.device).clone()
-
-        p = reqs[0].params
-        sample = p.temperature > 0
-        kw = dict(max_new_tokens=max(r.params.max_new_tokens for r in reqs), do_sample=sample,
-                  temperature=p.temperature if sample else None, top_p=p.top_p if sample else None,
-                  top_k=(p.top_k or None) if sample else None, repetition_penalty=p.repetition_penalty,
-                  pad_token_id=pad, eos_token_id=None, streamer=RowStreamer(),
-                  stopping_criteria=StoppingCriteriaList([RowsDone()]))
+        rows = RowStreams(reqs, tok)
+        kw = dict(max_new_tokens=max(r.params.max_new_tokens for r in reqs), **sampling_kwargs(reqs[0].params),
+                  pad_token_id=pad, eos_token_id=None, streamer=rows.streamer(), stopping_criteria=rows.stopping())
         if self.static_cache:
             # The compiled decode step is specialised on the cache size: round it up to a bucket so a
             # few sizes serve every request (rows still stop at their own max_tokens).
             total = min(self.context_length, max(1024, 1 << (width + kw["max_new_tokens"] - 1).bit_length()))
             kw["max_new_tokens"] = max(1, total - width)
             kw["cache_implementation"] = "static"
-        if sample and reqs[0].seed is not None:
+        if kw["do_sample"] and reqs[0].seed is not None:
             torch.manual_seed(reqs[0].seed)
         self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
 
