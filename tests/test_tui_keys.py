@@ -339,3 +339,41 @@ async def test_asking_on_chat_without_any_checkpoint_says_what_to_do(ws):
         assert notes == ["no checkpoint to chat with yet: train a run first (3 Runs)"]
         assert app.query_one("#chat-input").value == "hi"        # kept, not thrown away
         assert app.query_one("#chat-pane").pending is None
+
+
+@pytest.mark.parametrize("answer", ["save", "discard"])
+async def test_quitting_with_unsaved_edits_asks_and_saves_or_discards_them(ws, answer):
+    """q with the form edited asks first: escape keeps the app and the edit; Save and quit writes the
+    file (and with a value the schema refuses it stays open and says why); Quit without saving leaves
+    the file as it was."""
+    from engine.recipe.schema import RecipeDocument
+
+    path = ws / "configs" / "mine.yaml"
+    before = path.read_text()
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        await pilot.press(*"mine", "escape", "enter", "/", *"lr", "enter", *"abc")
+        await wait_for(pilot, lambda: "modified" in str(app.query_one("#ed-title").render()), 10, "the edit")
+        await pilot.press("escape", "q")
+        await wait_for(pilot, lambda: app.screen.query("#choice-save"), 10, "the unsaved-changes question")
+        await pilot.press("escape")                           # Cancel: nothing is lost
+        await pilot.pause()
+        assert app.is_running and "modified" in str(app.query_one("#ed-title").render())
+        if answer == "save":
+            await pilot.press("q")
+            await wait_for(pilot, lambda: app.screen.query("#choice-save"), 10, "the question")
+            await pilot.click("#choice-save")                 # 'abc' is no learning rate: not saved
+            await pilot.pause(0.3)
+            assert app.is_running and path.read_text() == before
+            await pilot.press("/", *"lr", "enter", *"3e-4", "escape", "q")
+            await wait_for(pilot, lambda: app.screen.query("#choice-save"), 10, "the question")
+            await pilot.click("#choice-save")
+            await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
+            assert float(RecipeDocument.load(path).get("train.lr")) == 3e-4
+        else:
+            await pilot.press("q")
+            await wait_for(pilot, lambda: app.screen.query("#choice-discard"), 10, "the question")
+            await pilot.click("#choice-discard")
+            await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
+            assert path.read_text() == before

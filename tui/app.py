@@ -341,6 +341,29 @@ class TunedeckApp(TypeaheadApp):
         return out
 
     async def action_quit_app(self, key: str = "ctrl+q") -> None:
+        """Quit; first ask about the editor's unsaved changes, then about runs and a service this app
+        started (nothing is lost or stopped unless the user says so)."""
+        from .dialogs import ChoiceDialog
+
+        editor = next(iter(self.query("#editor-pane")), None)
+        if editor is not None and editor.dirty and editor.doc is not None and editor.doc.path is not None:
+            def answered(answer: str | None) -> None:
+                if answer is None:
+                    return
+                if answer == "save":
+                    editor.action_save()
+                    if editor.dirty:             # not saved: its problems are on the screen
+                        self.action_show("editor")
+                        return
+                self.call_later(self._quit_runs_and_service)
+
+            self.push_screen(ChoiceDialog(f"{editor.doc.path.name} has unsaved changes.",
+                                          [("save", "Save and quit"), ("discard", "Quit without saving")],
+                                          warning="discard"), answered)
+            return
+        await self._quit_runs_and_service()
+
+    async def _quit_runs_and_service(self) -> None:
         runs = self.started_runs()
         service = self.service.started_here()
         if not runs and not service:
