@@ -33,8 +33,8 @@ def server(tiny_model, trained_run):
 
     host = ModelHost(str(tiny_model), template="internlm2_chat")
     host.add_adapter("tuned", str(trained_run))
-    # "the same moment" = within the batching window; a slow CI core needs a generous one
-    app = build_app(host, api_key=KEY, scheduler=Scheduler(host, window_s=0.3))
+    # the service's own scheduling: no batching window; requests sent as a group wait for each other
+    app = build_app(host, api_key=KEY, scheduler=Scheduler(host))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -76,23 +76,78 @@ def test_openai_client_streams_base_and_adapter_answers(server):
 
 
 def test_base_and_tuned_requested_together_are_generated_in_one_batch(server):
+    """The two sides of a comparison carry one X-Tunedeck-Group (as the app and the web page send them):
+    one batch of two rows, though the second arrives a moment after the first."""
     before = dict(server.sched.stats)
-    barrier = threading.Barrier(2)
     answers = {}
 
     def ask(model):
-        barrier.wait()
-        r = post(server, {"model": model, "messages": ASK, "temperature": 0, "max_tokens": 40})
+        r = post(server, {"model": model, "messages": ASK, "temperature": 0, "max_tokens": 40},
+                 headers=auth({"X-Tunedeck-Group": "cmp-1/2"}))
         answers[model] = r.json()["choices"][0]["message"]["content"]
 
     threads = [threading.Thread(target=ask, args=(m,)) for m in ("base", "tuned")]
-    for t in threads:
-        t.start()
+    threads[0].start()
+    time.sleep(0.2)
+    threads[1].start()
     for t in threads:
         t.join(60)
     assert answers["tuned"] == IDENTITY and answers["base"] != IDENTITY
     assert server.sched.stats["batches"] == before["batches"] + 1        # one batch, two rows
     assert server.sched.stats["max_rows"] >= 2
+    assert server.sched.stats["group_waits_timed_out"] == before["group_waits_timed_out"]
+
+
+@pytest.mark.parametrize("value", ["cmp", "cmp/1", "cmp/x", "/2", "cmp/65"])
+def test_a_malformed_group_header_is_a_400_naming_it(server, value):
+    r = post(server, {"model": "base", "messages": ASK}, headers=auth({"X-Tunedeck-Group": value}))
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith(f"X-Tunedeck-Group: {value!r} is not ID/N")
+
+
+def test_a_request_starts_at_once_and_a_group_waits_only_for_its_own():
+    """Scheduling alone (a host that records its batches): an ungrouped request is not held back for
+    others (no window), one of a group waits for the rest of its group, and a group whose other member
+    never comes goes alone once group_wait_s has passed."""
+    from engine.serve.generation import GenerationParams
+    from engine.serve.scheduler import GenRequest, Scheduler
+
+    batches: list[list[str]] = []
+    done = threading.Event()
+
+    class Host:
+        def run_batch(self, reqs):
+            batches.append([r.model for r in reqs])
+            for r in reqs:
+                r.emit(("done", "stop", {}))
+
+    def req(name, group=None):
+        return GenRequest(name, [1], GenerationParams(max_new_tokens=1), set(),
+                          emit=lambda item: done.set(), group=group)
+
+    sched = Scheduler(Host(), group_wait_s=60)
+    try:
+        t0 = time.monotonic()
+        sched.submit(req("alone"))
+        assert done.wait(30) and time.monotonic() - t0 < 30          # not held for group_wait_s (60 s)
+        done.clear()
+        sched.submit(req("a", ("g", 2)))
+        time.sleep(0.3)
+        assert batches == [["alone"]]                                  # waiting for its partner
+        sched.submit(req("b", ("g", 2)))
+        assert done.wait(30)
+        time.sleep(0.1)
+        assert batches == [["alone"], ["a", "b"]]
+    finally:
+        sched.close()
+    sched = Scheduler(Host(), group_wait_s=0.2)
+    try:
+        done.clear()
+        sched.submit(req("lonely", ("h", 2)))
+        assert done.wait(30)
+        assert batches[-1] == ["lonely"] and sched.stats["group_waits_timed_out"] == 1
+    finally:
+        sched.close()
 
 
 @pytest.mark.parametrize("body, raw, status, expect", [

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from engine.core.constants import GROUP_HEADER
+
 from .workspace import engine_command, engine_env
 
 
@@ -109,13 +111,16 @@ class ServiceClient:
             raise ServiceError(r.json()["error"]["message"])
         return r.json()
 
-    def stream(self, model: str, messages: list[dict], usage: dict | None = None, **params) -> Iterator[str]:
-        """The answer's pieces as they come; ``usage`` is filled with the service's token counts at the end."""
+    def stream(self, model: str, messages: list[dict], usage: dict | None = None, group: str | None = None,
+               **params) -> Iterator[str]:
+        """The answer's pieces as they come; ``usage`` is filled with the service's token counts at the end.
+        ``group`` ("ID/N"): this question is one of N sent together, which the service answers in one batch."""
         import httpx
 
         body = {"model": model, "messages": messages, "stream": True, **params}
+        headers = self.headers | ({GROUP_HEADER: group} if group else {})
         try:
-            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, headers=self.headers,
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, headers=headers,
                               timeout=httpx.Timeout(10, read=600)) as r:
                 if r.status_code != 200:
                     r.read()

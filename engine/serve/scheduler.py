@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engine.core.constants import GROUP_HEADER
 from engine.core.errors import UserError
 from engine.data.templates import TEMPLATE_NAMES, encode_prompt, resolve_template_name, stop_token_ids, stop_words
 from engine.model.loading import load_model, load_tokenizer, pick_precision, read_adapter_meta
@@ -47,6 +48,7 @@ class GenRequest:
     emit: Callable[[tuple], None]          # ("delta", text) | ("done", finish_reason, usage) | ("error", msg)
     seed: int | None = None
     images: list = field(default_factory=list)      # PIL images, in the order of the prompt's <image> tags
+    group: tuple[str, int] | None = None   # (id, size): requests sent together to be generated together
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     cancelled: threading.Event = field(default_factory=threading.Event)
     finish_reason: str | None = None       # set once the row is done: stop / length / cancelled
@@ -162,16 +164,21 @@ class ModelHost:
 
 
 class Scheduler:
-    """Collects requests for a short window, then runs them as one batch on a worker thread."""
+    """Runs requests in batches on a worker thread. A request starts at once, with whatever else is
+    waiting; one of a group (the two sides of a comparison, GROUP_HEADER) waits up to ``group_wait_s``
+    for the rest of its group, so the group is generated in one batch. ``window_s`` holds every batch
+    that long for other requests to join (no wait by default: it adds to the time to first token)."""
 
-    def __init__(self, host: ModelHost, *, window_s: float = 0.02, max_batch: int = 16):
+    def __init__(self, host: ModelHost, *, window_s: float = 0.0, group_wait_s: float = 0.5, max_batch: int = 16):
         self.host = host
         self.window_s = window_s
+        self.group_wait_s = group_wait_s
         self.max_batch = max_batch
         self._pending: list[GenRequest] = []
         self._cv = threading.Condition()
         self._stop = False
-        self.stats = {"batches": 0, "requests": 0, "max_rows": 0, "cancelled": 0, "errors": 0, "busy": False}
+        self.stats = {"batches": 0, "requests": 0, "max_rows": 0, "cancelled": 0, "errors": 0, "busy": False,
+                      "group_waits_timed_out": 0}
         self._thread = threading.Thread(target=self._loop, name="tunedeck-generate", daemon=True)
         self._thread.start()
 
@@ -188,18 +195,39 @@ class Scheduler:
             self._cv.notify()
         self._thread.join(timeout=10)
 
+    def _group_complete(self, group: tuple[str, int]) -> bool:
+        return sum(r.group == group for r in self._pending) >= min(group[1], self.max_batch)
+
+    def _next_batch(self) -> list[GenRequest] | None:
+        """Under the lock: wait for work (and a first request's group), then take one batch; None to stop."""
+        while not self._pending and not self._stop:
+            self._cv.wait()
+        if self._stop:
+            return None
+        first = self._pending[0]
+        now = time.monotonic()
+        window_end, group_end = now + self.window_s, now + (self.group_wait_s if first.group else 0.0)
+        while not self._stop:
+            now = time.monotonic()
+            group_done = not first.group or self._group_complete(first.group) or now >= group_end
+            if group_done and now >= window_end:
+                break
+            self._cv.wait((window_end if group_done else group_end) - now)     # a submit wakes it sooner
+        if self._stop:
+            return None
+        if first.group and not self._group_complete(first.group):
+            self.stats["group_waits_timed_out"] += 1
+        key = _sampling_key(first)         # one batch shares its sampling settings; others wait for the next
+        batch = [r for r in self._pending if _sampling_key(r) == key][: self.max_batch]
+        self._pending = [r for r in self._pending if not any(r is b for b in batch)]
+        return batch
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._stop:
-                    self._cv.wait()
-                if self._stop:
-                    return
-            time.sleep(self.window_s)        # let the other side of a comparison arrive
-            with self._cv:   # one batch shares its sampling settings; others wait for the next
-                key = _sampling_key(self._pending[0])
-                batch = [r for r in self._pending if _sampling_key(r) == key][: self.max_batch]
-                self._pending = [r for r in self._pending if not any(r is b for b in batch)]
+                batch = self._next_batch()
+            if batch is None:
+                return
             gone = [r for r in batch if r.cancelled.is_set()]       # left while it waited: never generated
             self.stats["cancelled"] += len(gone)
             batch = [r for r in batch if not r.cancelled.is_set()]
@@ -220,6 +248,16 @@ class Scheduler:
             finally:
                 self.stats["cancelled"] += sum(r.finish_reason == "cancelled" for r in batch)
                 self.stats["busy"] = False
+
+
+def parse_group(value: str | None) -> tuple[str, int] | None:
+    """The GROUP_HEADER value ``ID/N`` (N from 2 to 64), None when absent; ValueError says what is wrong."""
+    if value is None:
+        return None
+    gid, _, n = value.strip().rpartition("/")
+    if not gid or not n.isdigit() or not 2 <= int(n) <= 64 or len(gid) > 100:
+        raise ValueError(f"{GROUP_HEADER}: {value!r} is not ID/N (an id, then the number of requests, 2 to 64)")
+    return gid, int(n)
 
 
 def _sampling_key(r: GenRequest) -> tuple:

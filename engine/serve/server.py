@@ -30,9 +30,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from engine.core.constants import GROUP_HEADER
 from engine.core.errors import UserError
 from engine.serve.generation import GenerationParams
-from engine.serve.scheduler import BASE, GenRequest, ModelHost, Scheduler, served_list
+from engine.serve.scheduler import BASE, GenRequest, ModelHost, Scheduler, parse_group, served_list
 
 
 class ContentPart(BaseModel):
@@ -176,6 +177,10 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         if isinstance(body, Response):
             return body
         try:
+            group = parse_group(request.headers.get(GROUP_HEADER))
+        except ValueError as e:
+            return error(400, str(e), param=GROUP_HEADER)
+        try:
             req = ChatRequest.model_validate(body)
         except ValidationError as e:
             return _validation_error(e)
@@ -227,7 +232,7 @@ def build_app(host: ModelHost, *, api_key: str | None = None, scheduler: Schedul
         queue: asyncio.Queue = asyncio.Queue()
         gen = GenRequest(req.model, prompt_ids, params, stop_ids,
                          emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), seed=req.seed,
-                         images=images)
+                         images=images, group=group)
         sched.submit(gen)
         created = int(time.time())
 

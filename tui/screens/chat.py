@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 from rich.text import Text
@@ -322,13 +323,14 @@ class ChatPane(Vertical):
             return
         if field is not None:
             field.value = ""
+        group = f"{uuid.uuid4().hex[:12]}/2"     # both sides in one batch: neither waits for the other
         for side, model in (("#chat-left", self.left_model), ("#chat-right", self.right_model)):
             t = self.query_one(side, Transcript)
             t.ask(prompt)
             content: str | list = prompt
             if image is not None and not t.history:      # the image goes with the first question
                 content = [image_part(image), {"type": "text", "text": prompt}]
-            self._stream(t, model, content)
+            self._stream(t, model, content, group)
 
     def params(self) -> dict:
         def num(id_: str, default: float) -> float:
@@ -344,13 +346,13 @@ class ChatPane(Vertical):
         return [{"role": "system", "content": s}] if s else []
 
     @work(thread=True, exit_on_error=False)
-    def _stream(self, side: Transcript, model: str, prompt: str | list) -> None:
+    def _stream(self, side: Transcript, model: str, prompt: str | list, group: str | None = None) -> None:
         messages = self.system() + side.history + [{"role": "user", "content": prompt}]
         usage: dict = {}
         t0 = time.perf_counter()
         first = None
         try:
-            for piece in self.service.stream(model, messages, usage=usage, **self.params()):
+            for piece in self.service.stream(model, messages, usage=usage, group=group, **self.params()):
                 first = first or time.perf_counter()
                 self.app.call_from_thread(side.piece, piece)
         except ServiceError as e:
