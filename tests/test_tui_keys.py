@@ -377,3 +377,28 @@ async def test_quitting_with_unsaved_edits_asks_and_saves_or_discards_them(ws, a
             await pilot.click("#choice-discard")
             await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
             assert path.read_text() == before
+
+
+async def test_asking_again_retries_a_checkpoint_that_failed_to_start(ws):
+    """A checkpoint whose start failed (here it names no base model) is tried again when a question is
+    asked; the question never waits on a failure: it goes back into the prompt."""
+    ck = ws / "work_dirs" / "broken" / "checkpoint-1"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    (ws / "work_dirs" / "broken" / "status.json").write_text(json.dumps({"state": "finished"}))
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        pane = app.query_one("#chat-pane")
+        tries = []
+        real = pane._connect_lora
+        pane._connect_lora = lambda c: tries.append(c) or real(c)
+        await pilot.press("4", *"hi", "enter")                   # the newest checkpoint: this one
+        await wait_for(pilot, lambda: "no tunedeck.json" in str(pane.query_one("#chat-status").render()), 10,
+                       "the failure")
+        await wait_for(pilot, lambda: pane.query_one("#chat-input").value == "hi", 10, "the question back")
+        assert pane.pending is None
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(tries) == 2, 10, "a second try")
+        await wait_for(pilot, lambda: pane.query_one("#chat-input").value == "hi", 10, "the question back again")
+        assert tries == [ck, ck] and pane.pending is None

@@ -234,8 +234,15 @@ class ChatPane(Vertical):
             self._connect_llava(ckpt)
         else:
             self._connect_lora(ckpt)
-        if self.right_model is None:        # it failed (the status line says why): no question waits on it
+        prompt, failed = self.pending, self.right_model is None
+        if failed and prompt:               # it failed (the status line says why): the question goes back
             self.pending = None
+            self.app.call_from_thread(self._give_back, prompt)
+
+    def _give_back(self, prompt: str) -> None:
+        box = self.query_one("#chat-input", Input)
+        if not box.value:
+            box.value = prompt
 
     def _connect_lora(self, ckpt: Path) -> None:
         self.app.call_from_thread(self.set_llava, False)
@@ -307,6 +314,8 @@ class ChatPane(Vertical):
                 return
             self.pending = prompt
             event.input.value = ""
+            if not any(w.group == "chat-connect" and not w.is_finished for w in self.workers):
+                self._connect(Path(str(sel.value)))      # its start had failed: asking tries again
             self.status("starting the model: the question goes as soon as it is ready")
             return
         self._ask(prompt, event.input)
@@ -323,7 +332,7 @@ class ChatPane(Vertical):
             return
         if field is not None:
             field.value = ""
-        group = f"{uuid.uuid4().hex[:12]}/2"     # both sides in one batch: neither waits for the other
+        group = f"{uuid.uuid4().hex[:12]}/2"     # the two sides: the service answers them in one batch
         for side, model in (("#chat-left", self.left_model), ("#chat-right", self.right_model)):
             t = self.query_one(side, Transcript)
             t.ask(prompt)
