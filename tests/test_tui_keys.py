@@ -402,3 +402,30 @@ async def test_asking_again_retries_a_checkpoint_that_failed_to_start(ws):
         await wait_for(pilot, lambda: len(tries) == 2, 10, "a second try")
         await wait_for(pilot, lambda: pane.query_one("#chat-input").value == "hi", 10, "the question back again")
         assert tries == [ck, ck] and pane.pending is None
+
+
+async def test_keys_typed_while_the_app_is_busy_wait_for_it(ws, monkeypatch):
+    """While the app is busy (here opening the editor takes 2.5 s, as on a loaded machine; the keys
+    had been let through after 2 s) the keys typed behind Enter wait for it and still reach lr."""
+    import asyncio
+
+    from textual.widgets import Input
+
+    from engine.recipe.schema import RecipeDocument
+    from tui.screens.editor import EditorPane
+
+    real = EditorPane.load
+
+    async def slow_load(self, *a, **k):
+        await asyncio.sleep(2.5)
+        return await real(self, *a, **k)
+
+    monkeypatch.setattr(EditorPane, "load", slow_load)
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        burst(app, [*"mine", "escape", "enter", *"/lr", "enter", *"5e-3", "escape", "ctrl+s"])
+        lr = lambda: float(RecipeDocument.load(ws / "configs" / "mine.yaml").get("train.lr"))   # noqa: E731
+        await wait_for(pilot, lambda: lr() != 2e-3, 10, "the save")
+        assert lr() == 5e-3
+        assert app.query_one("#ed-jump", Input).value == ""

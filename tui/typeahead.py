@@ -5,8 +5,11 @@ together (``/lr⏎5e-3`` in one packet), so the keys behind ``/`` went to the wi
 before ``/`` moved it, and were lost. The app instead releases keys one at a time: the next key goes
 out once the widgets that took the previous one (the focused widget, its ancestors, the screen and
 the app) have handled every message it set off — a focus change, a submitted field, a dialog opened.
-A key on an idle app goes out at once; when something stays busy longer than ``STALL_S`` the keys
-held are released together, as Textual would have delivered them.
+A key on an idle app goes out at once. While the app's own message loop is busy keys wait however
+long that takes (every key passes through that loop: none could be handled sooner); while a widget
+on the key's way is busy (a screen being built on a slow machine, seconds) they wait too, up to
+``STALL_S``, a safety valve against a widget that never gets idle: then the keys held are released
+together, as Textual would have delivered them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from textual import events
 from textual.app import App
 from textual.message_pump import MessagePump
 
-STALL_S = 2.0
+STALL_S = 10.0
 
 
 def _busy(pump: MessagePump) -> bool:
@@ -65,13 +68,15 @@ class TypeaheadApp(App):
         while self._held:
             deadline = time.monotonic() + STALL_S
             spins = 0
-            while not self.settled() and time.monotonic() < deadline:
+            while not self.settled():
+                if _busy(self):                 # the app's own loop: the keys would queue behind it anyway
+                    deadline = time.monotonic() + STALL_S
+                elif time.monotonic() >= deadline:      # a widget busy for long: let everything through
+                    while self._held:
+                        self._post(self._held.popleft())
+                    return
                 spins += 1
                 await asyncio.sleep(0 if spins < 50 else 0.002)
-            if not self.settled():            # something is busy for long: let everything held through
-                while self._held:
-                    self._post(self._held.popleft())
-                return
             self._post(self._held.popleft())
             await asyncio.sleep(0)
 
