@@ -69,6 +69,17 @@ class Terminal:
         subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
 
 
+def stop_recorded_service(workspace: Path) -> None:
+    """A service the app left running (a failed test closes the terminal under it) ends with the test."""
+    import psutil
+
+    try:
+        pid = json.loads((workspace / "work_dirs" / "service.json").read_text())["pid"]
+        psutil.Process(pid).terminate()
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        pass
+
+
 def test_a_journey_at_80x24_copy_edit_train_quit_reopen_compare_merge_chat(workspace):
     """Copy a recipe, change its lr through the form, start it, quit while it trains, reopen, compare it
     with the run of the original recipe, merge a checkpoint and chat with it beside the base model, quit
@@ -170,3 +181,41 @@ def test_a_journey_at_80x24_copy_edit_train_quit_reopen_compare_merge_chat(works
         assert not (workspace / "work_dirs" / "service.json").exists()
     finally:
         t.close()
+        stop_recorded_service(workspace)
+
+
+def test_a_service_outlives_a_closed_terminal_and_the_next_app_uses_it(workspace, trained_run):
+    """The terminal closes (an SSH connection dropping) while the app has a service running: the service
+    goes on and is recorded in the workspace, and the app opened next answers through it instead of
+    starting a second copy of the model."""
+    import psutil
+
+    (workspace / "work_dirs").mkdir()
+    (workspace / "work_dirs" / "demo").symlink_to(trained_run)
+    record = workspace / "work_dirs" / "service.json"
+    t = Terminal(workspace)
+    try:
+        t.open()
+        t.keys("4")
+        t.type("hi")
+        t.keys("Enter")                                  # the newest checkpoint is taken, the service starts
+        t.wait_for("ready:", 120)
+        pid = json.loads(record.read_text())["pid"]
+        assert psutil.pid_exists(pid)
+        t.close()                                        # the terminal goes: the app gets SIGHUP
+        time.sleep(1)
+        assert psutil.pid_exists(pid) and json.loads(record.read_text())["pid"] == pid
+        t.open()
+        t.keys("4")
+        t.type("hi")
+        t.keys("Enter")
+        t.wait_for("ready:", 60)
+        assert json.loads(record.read_text())["pid"] == pid
+        serving = [p for p in psutil.process_iter(["cmdline", "cwd"])
+                   if "serve" in (p.info["cmdline"] or []) and p.info["cwd"] == str(workspace)]
+        assert [p.pid for p in serving] == [pid]                       # one copy of the model
+        t.keys("Escape", "C-q")                          # not this app's service: nothing to ask
+        t.wait_closed()
+    finally:
+        t.close()
+        stop_recorded_service(workspace)

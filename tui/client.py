@@ -33,7 +33,9 @@ class ServiceClient:
         self.proc: subprocess.Popen | None = None
         self.base: str | None = None
         self.log_path = workspace / "work_dirs" / "serve.log"
-        self.record = workspace / "work_dirs" / "service.json"     # a service kept running when the app quit
+        # the service this app started, from its start: a kept one, or one whose app was killed (its terminal
+        # closed), is found by the next app in this workspace instead of running on unseen
+        self.record = workspace / "work_dirs" / "service.json"
         self.keep = False
         if self.url is None:
             try:
@@ -83,12 +85,14 @@ class ServiceClient:
         self.proc = subprocess.Popen(engine_command("serve", base, "--port", str(port), *extra_args),
                                      cwd=self.workspace, env=engine_env(), stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.base = base
+        self._write_record()
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
+                self.record.unlink(missing_ok=True)
                 raise ServiceError(f"the service exited ({self.proc.returncode}): {self.last_log_line()}")
             if self.health() is not None:
-                self.base = base
                 return
             progress(f"starting the inference service: {self.last_log_line() or 'loading'} "
                      f"({time.time() - t0:.0f}s)")
@@ -140,18 +144,21 @@ class ServiceClient:
             dead = "" if self.alive() else f" (the service died: {self.last_log_line()})"
             raise ServiceError(f"lost the service: {type(e).__name__}{dead}") from None
 
+    def _write_record(self) -> None:
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        self.record.write_text(json.dumps({"url": self.url, "pid": getattr(self.proc, "pid", None),
+                                           "base": self.base}))
+
     def close(self) -> None:
         """Stop the service this app started, unless the user chose to keep it (then the next app in this
         workspace finds it through work_dirs/service.json)."""
-        if self.keep and self.started_here():
-            self.record.parent.mkdir(parents=True, exist_ok=True)
-            self.record.write_text(json.dumps({"url": self.url, "pid": getattr(self.proc, "pid", None),
-                                               "base": self.base}))
-            self.proc = None
+        if self.proc is None:
             return
-        if self.started_here():
-            self.record.unlink(missing_ok=True)
-        if self.proc is not None and self.proc.poll() is None:
+        if self.keep and self.started_here():
+            self.proc = None                  # its record stays
+            return
+        self.record.unlink(missing_ok=True)
+        if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
