@@ -429,3 +429,16 @@ async def test_keys_typed_while_the_app_is_busy_wait_for_it(ws, monkeypatch):
         await wait_for(pilot, lambda: lr() != 2e-3, 10, "the save")
         assert lr() == 5e-3
         assert app.query_one("#ed-jump", Input).value == ""
+
+
+async def test_keys_typed_on_a_screen_not_built_yet_wait_for_it(ws):
+    """Right after start the hidden screens are still being built: a digit and a question typed behind
+    it go to that screen once it is there (they went nowhere)."""
+    app = app_for(ws)
+    notes: list[str] = []
+    async with app.run_test(size=SIZE) as pilot:
+        app.notify = lambda msg, **kw: notes.append(msg)
+        burst(app, ["4", *"hi", "enter"])                 # before any screen but Configs is built
+        await wait_for(pilot, lambda: notes, 10, "the Chat screen to take the question")
+        assert notes == ["no checkpoint to chat with yet: train a run first (3 Runs)"]
+        assert app.query_one("#chat-input").value == "hi"

@@ -226,6 +226,20 @@ class TunedeckApp(TypeaheadApp):
             if await placeholder.replace():
                 self.call_after_refresh(self._focus_pane, tab)     # when it is (still) the active one
 
+    def settled(self) -> bool:
+        """Keys typed ahead also wait for the screen they were typed on: one still being built, or built
+        and not yet given its focus (its resting widget takes the keys, as on a screen built earlier)."""
+        if not super().settled():
+            return False
+        if len(self.screen_stack) > 1 or self._tabs is None:
+            return True
+        active = self._tabs.active
+        if self.query(f"#{active} > Deferred"):
+            return False
+        if self.focused is not None:
+            return True
+        return not any(w.focusable for w in self.query(self.FOCUS.get(active, f"#{active}-pane")))
+
     # where focus lands on a screen, and goes back to on escape: never a text field, so the next digit
     # switches screens instead of being typed
     FOCUS = {"configs": "#cfg-tree", "editor": "#ed-form", "runs": "#runs-table", "chat": "#chat-left",
