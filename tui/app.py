@@ -181,6 +181,7 @@ class TunedeckApp(TypeaheadApp):
         self.workspace = Path(workspace).resolve()
         self.sub_title = str(self.workspace)
         self.service = ServiceClient(self.workspace, service_url, api_key)
+        self._building: set[str] = set()      # screens being built now
 
     _tabs: TabbedContent | None = None
 
@@ -223,22 +224,20 @@ class TunedeckApp(TypeaheadApp):
 
     async def _build(self, tab: str) -> None:
         for placeholder in self.query(f"#{tab} > Deferred"):
-            if await placeholder.replace():
-                self.call_after_refresh(self._focus_pane, tab)     # when it is (still) the active one
+            self._building.add(tab)
+            try:
+                if await placeholder.replace():
+                    self._focus_pane(tab)                          # at once, if it is the active one
+                    self.call_after_refresh(self._focus_pane, tab)     # and once it is on the terminal
+            finally:
+                self._building.discard(tab)
 
     def settled(self) -> bool:
-        """Keys typed ahead also wait for the screen they were typed on: one still being built, or built
-        and not yet given its focus (its resting widget takes the keys, as on a screen built earlier)."""
+        """Keys typed ahead also wait for the screen they were typed on while it is being built."""
         if not super().settled():
             return False
-        if len(self.screen_stack) > 1 or self._tabs is None:
-            return True
-        active = self._tabs.active
-        if self.query(f"#{active} > Deferred"):
-            return False
-        if self.focused is not None:
-            return True
-        return not any(w.focusable for w in self.query(self.FOCUS.get(active, f"#{active}-pane")))
+        return self._tabs is None or len(self.screen_stack) > 1 or not (
+            self._tabs.active in self._building or self.query(f"#{self._tabs.active} > Deferred"))
 
     # where focus lands on a screen, and goes back to on escape: never a text field, so the next digit
     # switches screens instead of being typed
