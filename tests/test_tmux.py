@@ -206,10 +206,15 @@ def test_a_service_outlives_a_closed_terminal_and_the_next_app_uses_it(workspace
         time.sleep(1)
         assert psutil.pid_exists(pid) and json.loads(record.read_text())["pid"] == pid
         t.open()
-        t.keys("4")
+        newest, older = sorted((p.name for p in trained_run.glob("checkpoint-*")),
+                               key=lambda n: int(n.split("-")[1]), reverse=True)[:2]
+        t.keys("4", "F2")                                # the checkpoint list, by key
+        t.wait_for(f"/{older}")
+        t.keys("Down", "Down", "Enter")                  # past the prompt and the newest: the older one
         t.type("hi")
         t.keys("Enter")
-        t.wait_for("ready:", 60)
+        screen = t.wait_for("ready:", 60)
+        assert older in screen and newest not in screen, screen
         assert json.loads(record.read_text())["pid"] == pid
         serving = [p for p in psutil.process_iter(["cmdline", "cwd"])
                    if "serve" in (p.info["cmdline"] or []) and p.info["cwd"] == str(workspace)]
@@ -219,3 +224,28 @@ def test_a_service_outlives_a_closed_terminal_and_the_next_app_uses_it(workspace
     finally:
         t.close()
         stop_recorded_service(workspace)
+
+
+def test_the_identity_wizard_by_keys_a_name_typed_and_enter(workspace):
+    """On Data a person types their name and presses enter: the dataset is written with it; enter again
+    asks before overwriting, and escape keeps the file; q in a name is a letter, not quit."""
+    t = Terminal(workspace)
+    out = workspace / "data" / "personal_assistant.json"
+    try:
+        t.open()
+        t.keys("6")
+        t.type("Ada quick")                              # no field chosen first: typing goes to the name
+        t.keys("Enter")
+        t.wait_for("wrote 10001 records")
+        records = json.loads(out.read_text())
+        assert len(records) == 10001 and "我是Ada quick的小助手" in records[0]["messages"][1]["content"]
+        before = out.read_bytes()
+        t.keys("Enter")
+        t.wait_for("Overwrite it")
+        t.keys("Escape")
+        time.sleep(0.5)
+        assert out.read_bytes() == before and t.alive()
+        t.keys("Escape", "C-q")
+        t.wait_closed()
+    finally:
+        t.close()

@@ -442,3 +442,52 @@ async def test_keys_typed_on_a_screen_not_built_yet_wait_for_it(ws):
         await wait_for(pilot, lambda: notes, 10, "the Chat screen to take the question")
         assert notes == ["no checkpoint to chat with yet: train a run first (3 Runs)"]
         assert app.query_one("#chat-input").value == "hi"
+
+
+async def test_a_name_typed_on_data_goes_into_the_wizard_and_enter_writes_it(ws):
+    """Letters typed on Data with no field chosen are the name (its first letter too, a capital), `q` is
+    one of them, and enter writes the dataset."""
+    app = app_for(ws)
+    notes: list[str] = []
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        app.notify = lambda msg, **kw: notes.append(msg)
+        burst(app, ["6", *"Quinn", "enter"])
+        await wait_for(pilot, lambda: notes, 10, "the dataset to be written")
+        assert app.is_running and notes == ["wrote 10001 records to data/personal_assistant.json"]
+        records = json.loads((ws / "data" / "personal_assistant.json").read_text())
+        assert "我是Quinn的小助手" in records[0]["messages"][1]["content"]
+
+
+async def test_f2_on_chat_opens_the_checkpoint_list_and_enter_picks_one(ws):
+    from textual.widgets import Select
+
+    for step in (4, 8):
+        ck = ws / "work_dirs" / "r1" / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        (ck / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (ws / "work_dirs" / "r1" / "status.json").write_text(json.dumps({"state": "finished"}))
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        pane = app.query_one("#chat-pane")
+        picked = []
+        pane._connect = lambda c: picked.append(c)                # no service: which one was picked
+        await pilot.press("4", "f2")
+        await pilot.pause()
+        assert app.query_one("#chat-ckpt", Select).expanded
+        await pilot.press("down", "down", "enter")               # past the prompt and the newest
+        await wait_for(pilot, lambda: picked, 10, "a checkpoint picked")
+        assert picked == [ws / "work_dirs" / "r1" / "checkpoint-4"]
+        await pilot.press(*"hi")                                  # and typing goes to the prompt again
+        assert app.query_one("#chat-input").value == "hi"
+
+    empty = app_for(ws.parent / "empty")
+    (ws.parent / "empty").mkdir()
+    notes: list[str] = []
+    async with empty.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        empty.notify = lambda msg, **kw: notes.append(msg)
+        await pilot.press("4", "f2")
+        await wait_for(pilot, lambda: notes, 10, "the note")
+        assert notes == ["no checkpoint to chat with yet: train a run first (3 Runs)"]

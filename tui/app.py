@@ -29,6 +29,8 @@ PANE_KEYS = {
     "gpus": [("↑ ↓", "move in the lists")],
     "chat": [("letters", "start typing a prompt"), ("enter", "send it to both sides")],
     "files": [("enter", "open a folder / show a file")],
+    "data": [("letters", "type the name of whose assistant it is"), ("enter", "write the identity dataset"),
+             ("tab", "the next setting, then a recipe whose data to check")],
 }
 
 PANE_CLASSES = {"configs": "ConfigsPane", "editor": "EditorPane", "runs": "RunsPane", "chat": "ChatPane",
@@ -159,6 +161,7 @@ class TunedeckApp(TypeaheadApp):
         Binding("f5", "pane('configs', 'copy')", "Copy to workspace"),
         Binding("f4", "pane('configs', 'edit')", "Edit"),
         Binding("f6", "pane('configs', 'import')", "Import XTuner .py", show=False),
+        Binding("f2", "pane('chat', 'checkpoint')", "Checkpoint"),
         Binding("ctrl+s", "pane('editor', 'save')", "Save", priority=True),
         Binding("ctrl+o", "pane('editor', 'external')", "$EDITOR", priority=True),
         Binding("n", "pane('runs', 'start')", "Start run"),
@@ -173,7 +176,7 @@ class TunedeckApp(TypeaheadApp):
         Binding("q", "quit_app('q')", "Quit"),
         Binding("ctrl+q", "quit_app", "Quit", show=False, priority=True),
     ]
-    TYPING_TABS = ("configs", "chat")          # letters typed outside a field go to the field
+    TYPING_TABS = ("configs", "chat", "data")          # letters typed outside a field go to the field
 
     def __init__(self, workspace: str | Path = ".", *, service_url: str | None = None,
                  api_key: str | None = None, **kw):
@@ -302,7 +305,8 @@ class TunedeckApp(TypeaheadApp):
             return active not in self.TYPING_TABS         # there q is a letter of the filter / prompt
         return True
 
-    FIND = {"configs": "#cfg-filter", "editor": "#ed-jump"}      # `/`: the screen's filter or jump-to-field
+    # `/`: the screen's filter, jump-to-field or first field
+    FIND = {"configs": "#cfg-filter", "editor": "#ed-jump", "data": "#id-name"}
 
     def action_find(self) -> None:
         if self._tabs is not None and (target := self.query(self.FIND.get(self._tabs.active, "#none"))):

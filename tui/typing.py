@@ -1,5 +1,5 @@
 """Letters typed where no field has focus go to the screen's field (the Configs filter, the Chat
-prompt), so typing just types; digits, `?` and `/` stay screen keys."""
+prompt, the Data wizard's name), so typing just types; digits, `?` and `/` stay screen keys."""
 
 from __future__ import annotations
 

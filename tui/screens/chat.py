@@ -152,7 +152,7 @@ class ChatPane(Vertical):
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-controls"):
-            yield Select([], prompt="checkpoint to compare", id="chat-ckpt", compact=True)
+            yield Select([], prompt="checkpoint to compare (F2)", id="chat-ckpt", compact=True)
             yield Label(" temperature ")
             yield Input("0", id="chat-temperature", type="number", compact=True)
             yield Label(" max tokens ")
@@ -186,6 +186,16 @@ class ChatPane(Vertical):
             sel.set_options(choices)
             if chosen(keep) and any(v == keep for _, v in choices):
                 sel.value = keep
+
+    def action_checkpoint(self) -> None:
+        """F2: the checkpoint list open, to move in with the arrows and pick with enter."""
+        self.refresh_checkpoints()
+        sel = self.query_one("#chat-ckpt", Select)
+        if not checkpoint_choices(self.workspace):
+            self.app.notify("no checkpoint to chat with yet: train a run first (3 Runs)", severity="warning")
+            return
+        self.screen.set_focus(sel)
+        sel.action_show_overlay()
 
     def status(self, text: str, style: str = "dim") -> None:
         self.query_one("#chat-status", Label).update(Text(text, style=style))

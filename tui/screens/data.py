@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static, Switch
@@ -17,6 +17,7 @@ from engine.core.errors import UserError
 from engine.data.identity import DEFAULT_ANSWER, identity_records, write_identity
 
 from ..dialogs import ConfirmDialog
+from ..typing import type_into
 from ..widgets.select import chosen
 from ..workspace import run_engine, workspace_configs
 
@@ -42,9 +43,9 @@ class DataPane(Horizontal):
     def compose(self) -> ComposeResult:
         with Vertical(id="wizard"):
             yield Label("[b]Identity dataset[/b]")
-            yield Label("[dim]the tutorial's generate_data.py: one question, the answer naming you[/dim]")
+            yield Static("[dim]the tutorial's generate_data.py: one question, the answer naming you[/dim]")
             yield Label("whose assistant")
-            yield Input(placeholder="your name", id="id-name", compact=True)
+            yield Input(placeholder="your name (type it)", id="id-name", compact=True, select_on_focus=False)
             yield Label("repetitions (n+1 records)")
             yield Input("10000", id="id-n", type="integer", compact=True)
             yield Label("answer ({name} is replaced)")
@@ -64,6 +65,17 @@ class DataPane(Horizontal):
 
     def on_mount(self) -> None:
         self.refresh_configs()
+
+    def on_key(self, event: events.Key) -> None:
+        # a name typed on the wizard's resting place (its Generate button) goes into the name field;
+        # the dataset side (its recipe picker) keeps its keys
+        focused = self.app.focused
+        if focused is None or any(getattr(n, "id", None) == "wizard" for n in focused.ancestors_with_self):
+            type_into(self, event, "#id-name")
+
+    @on(Input.Submitted, "#wizard Input")
+    def submitted(self) -> None:
+        self.generate()              # enter in any of the wizard's fields generates, as its button does
 
     def refresh_configs(self) -> None:
         self.query_one("#ds-config", Select).set_options(
