@@ -159,11 +159,19 @@ def use_compile_caches() -> None:
     kernels instead of compiling them. Settings the user made in the environment win."""
     import torch._functorch.config
     import torch._inductor.config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("compile", "inductor")))
+    # inductor writes its default (under /tmp) into the environment the first time anything asks for its
+    # folder -- importing bitsandbytes does -- so a value equal to that default is torch's, not the user's
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir("compile", "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir("compile", "triton")))
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
+    # the layers hold autograd.Functions (bitsandbytes' 4-bit matmul, the fused LoRA): without this the
+    # AOTAutograd cache is bypassed for every graph and a second run traces and partitions them again.
+    # Their forward and backward are traced into the graph as subgraphs, so the cache key covers them.
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
 
 
 def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> list[torch.nn.Module]:
@@ -185,6 +193,9 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str | None = None) -> l
     if layers:
         use_compile_caches()
         torch._dynamo.config.suppress_errors = True
+        # the layers' Python floats (LoRA scaling, norm eps) are constants: traced symbolically, each
+        # compile was traced twice (dynamo restarts once it finds they must be specialized after all)
+        torch._dynamo.config.specialize_float = True
         # sizes are symbolic, but a one-row forward (a short last window) still gets a graph of its own
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
         # under DDP dynamo would split each layer's graph at DDP's gradient buckets (a dozen graphs per

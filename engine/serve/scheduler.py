@@ -21,7 +21,7 @@ import torch
 from engine.core.constants import GROUP_HEADER
 from engine.core.errors import UserError
 from engine.data.templates import TEMPLATE_NAMES, encode_prompt, resolve_template_name, stop_token_ids, stop_words
-from engine.model.loading import load_model, load_tokenizer, pick_precision, read_adapter_meta
+from engine.model.loading import load_model, load_tokenizer, pick_precision, read_adapter_meta, use_compile_caches
 from engine.serve.generation import GenerationParams, RowStreams, sampling_kwargs
 from engine.serve.multilora import MultiLora
 from engine.train.checkpoint import resolve_checkpoint
@@ -69,6 +69,8 @@ class ModelHost:
         self.lora: MultiLora | None = None
         # On a GPU, decode steps run on a static KV cache that transformers compiles into CUDA graphs.
         self.static_cache = self.device_is_cuda() and compile_decode and quant == "none"
+        if self.static_cache:
+            use_compile_caches()          # a second start loads the compiled decode step instead of compiling
         base_template = resolve_template_name(template or "auto", self.tokenizer)
         self.models: dict[str, ServedModel] = {BASE: ServedModel(BASE, base_path, base_template, system or "")}
         self.lock = threading.RLock()      # adapters change only between batches
