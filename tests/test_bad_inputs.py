@@ -190,3 +190,32 @@ def test_a_decompression_bomb_sent_to_the_service_is_refused_in_one_line(tmp_pat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(UserError, match=r"^the image has more than 2,000 pixels"):
         LlavaHost.open_image(SimpleNamespace(workspace=tmp_path), buf.getvalue())      # a data: URI's bytes
+
+
+MISSING = [
+    # (what, --set overrides, the recipe, expected error line): found before a run directory is made,
+    # and before a detached worker is started (which had reported the error only in its run's log)
+    ("a model folder that is not there", ["model.path=./models/tiny-chta"], "demo.yaml",
+     "error: model.path: '{ws}/models/tiny-chta': no such model directory"),
+    ("a model folder without config.json", ["model.path=./data"], "demo.yaml",
+     "error: model.path: '{ws}/data' is a directory but holds no config.json (not a model folder)"),
+    ("a data file that is not there", ["data.data_path=./data/nope.jsonl"], "demo.yaml",
+     "error: data.data_path: '{ws}/data/nope.jsonl': no such data file"),
+    ("a folder given as the data file", ["data.data_path=./data"], "demo.yaml",
+     "error: data.data_path: '{ws}/data': is a directory, not a data file"),
+    ("a LLaVA image folder that is not there",
+     ["model.path=./models/tiny-chat", "data.data_path=./data/personal_assistant.jsonl",
+      "llava.visual_encoder=./models/tiny-chat", "llava.image_folder=./imgs"], "demo_tiny_llava_finetune",
+     "error: llava.image_folder: '{ws}/imgs': no such directory"),
+]
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["here", "detached"])
+@pytest.mark.parametrize("what,sets,recipe,expected", MISSING, ids=[c[0] for c in MISSING])
+def test_a_missing_model_or_data_stops_train_before_any_run_directory(workspace, capsys, what, sets, recipe,
+                                                                      expected, detach):
+    argv = ["train", recipe] + [a for kv in sets for a in ("--set", kv)] + (["--detach"] if detach else [])
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    assert _one_error_line(capsys) == expected.format(ws=workspace)
+    assert not (workspace / "work_dirs").exists() or not any((workspace / "work_dirs").iterdir())

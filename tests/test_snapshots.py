@@ -29,7 +29,7 @@ def snapshot_workspace() -> Path:
         {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1030}))
     (WS / "data").mkdir()
-    (WS / "data" / "identity.jsonl").write_text(json.dumps(
+    (WS / "data" / "personal_assistant.jsonl").write_text(json.dumps(     # the recipe's own data file
         {"messages": [{"role": "user", "content": "Who are you?"},
                       {"role": "assistant", "content": "I am Ada's assistant."}]}) + "\n")
     run = WS / "work_dirs" / "my_demo"

@@ -491,3 +491,33 @@ async def test_f2_on_chat_opens_the_checkpoint_list_and_enter_picks_one(ws):
         await pilot.press("4", "f2")
         await wait_for(pilot, lambda: notes, 10, "the note")
         assert notes == ["no checkpoint to chat with yet: train a run first (3 Runs)"]
+
+
+async def test_a_model_path_that_is_not_there_is_a_warning_in_the_editor_and_saves(ws):
+    """A mistyped local model folder: the recipe is still valid and saves (the folder may come later), but
+    the editor says at once that it is not there, instead of a run failing when it starts."""
+    from engine.recipe.schema import RecipeDocument
+
+    (ws / "models" / "tiny-chat").mkdir(parents=True)
+    (ws / "models" / "tiny-chat" / "config.json").write_text("{}")
+    (ws / "data").mkdir()
+    (ws / "data" / "d.jsonl").write_text("")
+    doc = RecipeDocument.load(ws / "configs" / "mine.yaml")
+    doc.set("model.path", "./models/tiny-chat")
+    doc.set("data.data_path", "./data/d.jsonl")
+    doc.save()
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        status = lambda: str(app.query_one("#ed-status").render())     # noqa: E731
+        await pilot.press(*"mine", "escape", "enter")
+        await wait_for(pilot, lambda: status() == "valid", 10, "the recipe, valid")
+        await pilot.press("/", *"path", "enter", *"./models/tiny-chta", "escape")
+        await wait_for(pilot, lambda: "valid, but" in status(), 10, "the warning")
+        assert status() == f"valid, but model.path: '{ws}/models/tiny-chta': no such model directory"
+        assert not app.query_one("#ed-save").disabled
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: RecipeDocument.load(ws / "configs" / "mine.yaml").get("model.path")
+                       == "./models/tiny-chta", 10, "the save")
+        await pilot.press("/", *"path", "enter", *"./models/tiny-chat", "escape")
+        await wait_for(pilot, lambda: status() == "valid", 10, "the warning gone")

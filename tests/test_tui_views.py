@@ -225,6 +225,9 @@ async def test_an_offline_hub_id_fails_in_seconds_with_one_line(tmp_path, monkey
     (tmp_path / "configs" / "hub.yaml").write_text(
         DEMO_RECIPE.read_text().replace("path: ./models/tiny-chat", "path: internlm/internlm2-chat-1_8b"))
     assert "internlm/internlm2-chat-1_8b" in (tmp_path / "configs" / "hub.yaml").read_text()
+    from engine.data.identity import identity_records, write_identity
+
+    write_identity(tmp_path / "data" / "personal_assistant.jsonl", identity_records("X", 3))
     app = app_for(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await built(pilot)

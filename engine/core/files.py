@@ -64,3 +64,17 @@ def cache_dir(*parts: str) -> Path:
     env = os.environ.get("TUNEDECK_CACHE")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunedeck"
     return base.joinpath(*parts)
+
+
+def model_dir_problem(field: str, path: str) -> str | None:
+    """Why a local model folder cannot be loaded, or None (a hub id is checked where it is loaded)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            return f"{field}: {path!r} is a directory but holds no config.json (not a model folder)"
+        return None
+    if p.exists():
+        return f"{field}: {path!r} is a file, not a model directory"
+    if p.is_absolute():
+        return f"{field}: {path!r}: no such model directory"
+    return None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from engine.core.errors import UserError
-from engine.core.files import cache_dir
+from engine.core.files import cache_dir, model_dir_problem
 
 log = logging.getLogger("tunedeck.model")
 # Transformers talks a lot at import and load time; the run log says what matters.
@@ -64,12 +64,12 @@ def pick_precision(mixed_precision: str = "auto", dtype: str = "auto", device: s
 
 def check_model_dir(path: str, need_config: bool = True) -> None:
     p = Path(path)
-    if p.is_dir():
-        if need_config and not (p / "config.json").is_file():
-            raise UserError(f"model.path: {path!r} is a directory but holds no config.json (not a model folder)")
+    if p.is_dir() and not need_config:
         return
+    if problem := model_dir_problem("model.path", path):
+        raise UserError(problem)
     if p.exists():
-        raise UserError(f"model.path: {path!r} is a file, not a model directory")
+        return
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise UserError(f"model.path: {path!r}: no such model directory")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import UserError
+from engine.recipe.paths import local_path_problems, resolve_paths
 from engine.train.multinode import Nodes, deepspeed_command, torchrun_command
 from engine.train.runlock import FD_ENV as LOCK_FD_ENV
 from engine.train.runlock import LOCK_FILE, RunLock, claim
@@ -46,27 +47,12 @@ def config_path(ref: str) -> Path:
     return find(ref).path
 
 
-def resolve_paths(recipe, base_dir: Path):
-    """Relative model and data paths are relative to the directory the command runs in;
-    the run directory stores them absolute so resume and chat work from anywhere."""
-    def fix(value: str) -> str:
-        p = Path(value).expanduser()
-        if p.is_absolute():
-            return str(p)
-        candidate = (base_dir / p)
-        if candidate.exists() or value.startswith((".", "~")) or p.suffix in (".json", ".jsonl"):
-            return str(candidate.resolve())
-        return value   # a hub id such as internlm/internlm2-chat-1_8b
-    lv = recipe.llava
-    local = lambda v: str((base_dir / Path(v).expanduser()).resolve()) if v else v      # noqa: E731
-    return recipe.model_copy(update={
-        "model": recipe.model.model_copy(update={"path": fix(recipe.model.path)}),
-        "data": recipe.data.model_copy(update={"data_path": fix(recipe.data.data_path)}),
-        "llava": lv.model_copy(update={
-            "visual_encoder": fix(lv.visual_encoder) if lv.visual_encoder else "",
-            "pretrained_pth": local(lv.pretrained_pth), "image_folder": local(lv.image_folder),
-            "evaluation_images": [local(v) for v in lv.evaluation_images]}),
-    })
+def check_inputs(recipe) -> None:
+    """The recipe's local model, data and image paths are there (before a run directory is made and
+    before a worker detaches: the error is the command's own, exit 2)."""
+    problems = local_path_problems(recipe)
+    if problems:
+        raise UserError(problems[0])
 
 
 def _holds_files(folder: Path) -> bool:
@@ -111,6 +97,7 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
         overrides.append(f"deepspeed={deepspeed.removeprefix('deepspeed_')}")
     doc, recipe = load_recipe(cfg_path, overrides)
     recipe = resolve_paths(recipe, base_dir)
+    check_inputs(recipe)                   # before a run directory exists, and before detaching
     stem = cfg_path.stem
     root = base_dir / "work_dirs"
     ckpt: Path | None = None

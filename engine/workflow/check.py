@@ -45,8 +45,9 @@ class DataReport:
 def check_data(config: str, overrides: list[str]) -> DataReport:
     from engine.data.templates import resolve_template_name
     from engine.model.loading import load_tokenizer
+    from engine.recipe.paths import resolve_paths
     from engine.recipe.schema import load_recipe
-    from engine.train.launch import config_path, resolve_paths
+    from engine.train.launch import config_path
 
     _, recipe = load_recipe(config_path(config), overrides)
     recipe = resolve_paths(recipe, Path.cwd())

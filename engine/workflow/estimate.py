@@ -9,9 +9,10 @@ from engine.core.errors import UserError
 from engine.core.gpus import list_gpus
 from engine.core.tree import human_size
 from engine.recipe.catalogue import deepspeed_config_path
+from engine.recipe.paths import resolve_paths
 from engine.recipe.schema import Recipe, load_recipe
 from engine.train.estimate import GIB, estimate_recipe, fit_on
-from engine.train.launch import config_path, resolve_paths
+from engine.train.launch import config_path
 
 
 def recipe_to_estimate(config: str | Path, base_dir: Path, overrides: list[str] | None = None,

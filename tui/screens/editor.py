@@ -190,17 +190,35 @@ class EditorPane(Vertical):
         if self.doc is None:
             return []
         problems = self.doc.problems()
+        # a valid recipe whose local model or data is not there is still saved (it may be copied in
+        # later), with a warning: starting it would fail at once
+        missing = [] if problems else self._missing_paths()
         for spec in _config().field_specs():
             mine = [p for p in problems if p.startswith(spec.path + ":") or p.startswith(spec.path + ".")]
-            self.query_one("#" + widget_id(spec.path) + "-error", Label).update("\n".join(mine))
+            warn = [p for p in missing if p.startswith(spec.path + ":")]
+            label = self.query_one("#" + widget_id(spec.path) + "-error", Label)
+            label.update("\n".join(mine) or "\n".join(warn))
+            label.set_class(bool(warn) and not mine, "warning")
             self.query_one("#" + widget_id(spec.path) + "-row").set_class(bool(mine), "invalid")
+            self.query_one("#" + widget_id(spec.path) + "-row").set_class(bool(warn), "missing")
         status = self.query_one("#ed-status", Static)
         # the first problem in full, where it is seen without scrolling to its field
-        status.update(f"[red]{len(problems)} problem(s): {problems[0]}[/red]" if problems else "[green]valid[/green]")
+        status.update(f"[red]{len(problems)} problem(s): {problems[0]}[/red]" if problems else
+                      f"[yellow]valid, but {missing[0]}[/yellow]" if missing else "[green]valid[/green]")
         self.query_one("#ed-save", Button).disabled = bool(problems)
         self.query_one("#ed-save-as", Button).disabled = bool(problems)
         self._show_diff(problems)
         return problems
+
+    def _missing_paths(self) -> list[str]:
+        """Local model, data and image paths of the recipe that are not there (relative ones are relative
+        to the workspace, where the app starts runs)."""
+        from engine.recipe.paths import local_path_problems, resolve_paths
+
+        try:
+            return local_path_problems(resolve_paths(self.doc.validate(), self.workspace))
+        except _config().ConfigError:
+            return []
 
     def _show_diff(self, problems: list[str]) -> None:
         box = self.query_one("#ed-diff", Static)
