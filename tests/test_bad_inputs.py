@@ -219,3 +219,17 @@ def test_a_missing_model_or_data_stops_train_before_any_run_directory(workspace,
     assert run_cli(*argv) == 2
     assert _one_error_line(capsys) == expected.format(ws=workspace)
     assert not (workspace / "work_dirs").exists() or not any((workspace / "work_dirs").iterdir())
+
+
+@pytest.mark.parametrize("sets,expected", [
+    (["lr=abc"], "error: train.lr: 'abc' is not allowed: input should be a valid number"),
+    (["model.path=./nope"], "error: model.path: '{ws}/nope': no such model directory"),
+], ids=["a bad value", "a model that is not there"])
+def test_queue_add_checks_the_recipe_now_not_when_its_turn_comes(workspace, capsys, sets, expected):
+    from engine.workflow.queue import read_queue, scheduler_pid
+
+    capsys.readouterr()
+    assert run_cli("queue", "add", "demo.yaml", *[a for kv in sets for a in ("--set", kv)]) == 2
+    assert _one_error_line(capsys).startswith(expected.format(ws=workspace))
+    assert read_queue(workspace)["entries"] == []               # nothing queued, no scheduler started
+    assert scheduler_pid(workspace) is None

@@ -70,6 +70,8 @@ def test_without_gpus_one_at_a_time_and_a_failure_never_blocks(tmp_path):
     assert entries[0]["error"] == "bad.yaml: no such recipe"
     with pytest.raises(rq.UserError, match="is started"):
         rq.remove(tmp_path, entries[1]["id"])
+    rq.remove(tmp_path, entries[0]["id"])                        # a failed one leaves the list
+    assert [e["config"] for e in rq.read_queue(tmp_path)["entries"]] == ["one.yaml", "two.yaml"]
 
 
 def test_an_entry_left_starting_is_never_launched_again(tmp_path):

@@ -31,7 +31,7 @@ def register(sub) -> None:
                   "tunedeck queue list", "tunedeck queue list --json")
     ls.add_argument("--json", action="store_true", help="machine-readable")
     ls.set_defaults(verb_handler=list_queue)
-    rm = add_verb(verbs, "remove", "take a waiting entry out of the queue", "tunedeck queue remove 3f2a1c")
+    rm = add_verb(verbs, "remove", "take a waiting or failed entry out of the queue", "tunedeck queue remove 3f2a1c")
     rm.add_argument("id", help="the entry's id (queue list shows it)")
     rm.set_defaults(verb_handler=remove)
     add_verb(verbs, "pause", "start nothing new from the queue (runs already training go on)",
@@ -47,12 +47,30 @@ def add(args) -> int:
     from engine.workflow.train import parse_devices
 
     config = str(config_path(args.config))            # checked now, not when its turn comes
+    check_queued(config, args.overrides, args.deepspeed)
     entry = queue_add(Path.cwd(), config, overrides=args.overrides, gpus=args.gpus,
                       devices=parse_devices(args.devices), deepspeed=args.deepspeed)
     pid = ensure_scheduler(Path.cwd())
     print(f"queued {entry['id']}: {Path(config).name} ({entry['gpus']} GPU{'s' if entry['gpus'] != 1 else ''}); "
           f"scheduler pid {pid}")
     return 0
+
+
+def check_queued(config: str, overrides: list[str], deepspeed: str | None) -> None:
+    """The recipe, its overrides and its local model and data, checked as `train` would check them, so a
+    mistake is said now and not hours later when its turn comes. A LLaVA finetune's pretrain checkpoint
+    may not exist yet: the pretrain can be queued ahead of it."""
+    from engine.core.errors import UserError
+    from engine.recipe.catalogue import deepspeed_config_path
+    from engine.recipe.paths import local_path_problems, resolve_paths
+    from engine.recipe.schema import load_recipe
+
+    if deepspeed:
+        deepspeed_config_path(deepspeed)
+    recipe = resolve_paths(load_recipe(config, overrides)[1], Path.cwd())
+    problems = [p for p in local_path_problems(recipe) if not p.startswith("llava.pretrained_pth:")]
+    if problems:
+        raise UserError(problems[0])
 
 
 def list_queue(args) -> int:

@@ -90,12 +90,12 @@ def remove(workspace: Path, entry_id: str) -> dict[str, Any]:
     with _locked(workspace) as q:
         for e in q["entries"]:
             if e["id"] == entry_id:
-                if e["state"] != WAITING:
+                if e["state"] not in (WAITING, FAILED, UNKNOWN):    # a failed entry goes from the list too
                     raise UserError(f"queue remove: {entry_id} is {e['state']}"
                                     + (f" as {e['run']}; stop it with tunedeck stop" if e.get("run") else ""))
                 q["entries"].remove(e)
                 return e
-    raise UserError(f"queue remove: no waiting entry {entry_id!r} (tunedeck queue list shows them)")
+    raise UserError(f"queue remove: no entry {entry_id!r} (tunedeck queue list shows them)")
 
 
 def set_paused(workspace: Path, paused: bool) -> None:
