@@ -521,3 +521,29 @@ async def test_a_model_path_that_is_not_there_is_a_warning_in_the_editor_and_sav
                        == "./models/tiny-chta", 10, "the save")
         await pilot.press("/", *"path", "enter", *"./models/tiny-chat", "escape")
         await wait_for(pilot, lambda: status() == "valid", 10, "the warning gone")
+
+
+async def test_f3_then_an_image_path_and_enter_leads_on_to_the_question(ws):
+    """LLaVA on Chat: F3 is the image field; enter on a path that is there goes on to the prompt (the
+    question typed next had gone into the path), on one that is not it says so and stays."""
+    from PIL import Image
+    from textual.widgets import Input
+
+    Image.new("RGB", (8, 8), "red").save(ws / "red.png")
+    app = app_for(ws)
+    notes: list[str] = []
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        app.notify = lambda msg, **kw: notes.append(msg)
+        await pilot.press("4", "f3")
+        await pilot.pause()
+        assert notes == ["images are for LLaVA checkpoints: pick one with F2"]
+        app.query_one("#chat-pane").set_llava(True)              # as a LLaVA checkpoint's service does
+        await pilot.press("f3", *"rde.png", "enter")
+        await pilot.pause()
+        assert notes[-1] == f"image: {ws}/rde.png: no such image"
+        assert app.focused is app.query_one("#chat-image")
+        await pilot.press("f3", *"red.png", "enter", *"What colour?")
+        await pilot.pause()
+        assert app.query_one("#chat-image", Input).value == "red.png"
+        assert app.query_one("#chat-input", Input).value == "What colour?"

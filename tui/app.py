@@ -162,6 +162,7 @@ class TunedeckApp(TypeaheadApp):
         Binding("f4", "pane('configs', 'edit')", "Edit"),
         Binding("f6", "pane('configs', 'import')", "Import XTuner .py", show=False),
         Binding("f2", "pane('chat', 'checkpoint')", "Checkpoint"),
+        Binding("f3", "pane('chat', 'image')", "Image"),
         Binding("ctrl+s", "pane('editor', 'save')", "Save", priority=True),
         Binding("ctrl+o", "pane('editor', 'external')", "$EDITOR", priority=True),
         Binding("n", "pane('runs', 'start')", "Start run"),

@@ -236,7 +236,31 @@ class ChatPane(Vertical):
         def done(path: str | None) -> None:
             if path:
                 self.query_one("#chat-image", Input).value = path
+                self._to_prompt()
         self.app.push_screen(PathPicker(self.workspace), done)
+
+    @on(Input.Submitted, "#chat-image")
+    def image_submitted(self) -> None:
+        """Enter on the image: with one there, on to the question (typed next, it went into the path)."""
+        path = self.image_path()
+        if path and Path(path).is_file():
+            self._to_prompt()
+        else:
+            self.app.notify(f"image: {path}: no such image" if path else "image: type the image's path",
+                            severity="warning")
+
+    def _to_prompt(self) -> None:
+        prompt = self.query_one("#chat-input", Input)
+        self.screen.set_focus(prompt)
+
+    def action_image(self) -> None:
+        """F3: the image field (LLaVA checkpoints), its path selected to be typed over."""
+        if not self.llava:
+            self.app.notify("images are for LLaVA checkpoints: pick one with F2", severity="warning")
+            return
+        field = self.query_one("#chat-image", Input)
+        self.screen.set_focus(field)
+        field.select_all()
 
     @work(thread=True, exclusive=True, group="chat-connect", exit_on_error=False)
     def _connect(self, ckpt: Path) -> None:
@@ -300,7 +324,7 @@ class ChatPane(Vertical):
         self.app.call_from_thread(self.query_one("#chat-left", Transcript).set_title,
                                   f"pre-finetune · {pre.parent.name}/{pre.name}")
         self.app.call_from_thread(self.query_one("#chat-right", Transcript).set_title, name)
-        say(f"ready: {self.service.url} — pick an image, then ask", "green")
+        say(f"ready: {self.service.url} — an image (F3), then ask", "green")
         self.app.call_from_thread(self._send_pending)
 
     @on(Input.Submitted, "#chat-input")
