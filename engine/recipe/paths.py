@@ -25,6 +25,7 @@ def resolve_one(value: str, base_dir: Path) -> str:
 
 
 def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
+    """The recipe with its model, data and LLaVA paths resolved against ``base_dir``."""
     lv = recipe.llava
     local = lambda v: str((base_dir / Path(v).expanduser()).resolve()) if v else v      # noqa: E731
     return recipe.model_copy(update={

@@ -189,10 +189,12 @@ class EditorPane(Vertical):
     def revalidate(self) -> list[str]:
         if self.doc is None:
             return []
-        problems = self.doc.problems()
         # a valid recipe whose local model or data is not there is still saved (it may be copied in
         # later), with a warning: starting it would fail at once
-        missing = [] if problems else self._missing_paths()
+        try:
+            problems, missing = [], self._missing_paths(self.doc.validate())
+        except _config().ConfigError as e:
+            problems, missing = e.problems, []
         for spec in _config().field_specs():
             mine = [p for p in problems if p.startswith(spec.path + ":") or p.startswith(spec.path + ".")]
             warn = [p for p in missing if p.startswith(spec.path + ":")]
@@ -210,15 +212,12 @@ class EditorPane(Vertical):
         self._show_diff(problems)
         return problems
 
-    def _missing_paths(self) -> list[str]:
+    def _missing_paths(self, recipe) -> list[str]:
         """Local model, data and image paths of the recipe that are not there (relative ones are relative
         to the workspace, where the app starts runs)."""
         from engine.recipe.paths import local_path_problems, resolve_paths
 
-        try:
-            return local_path_problems(resolve_paths(self.doc.validate(), self.workspace))
-        except _config().ConfigError:
-            return []
+        return local_path_problems(resolve_paths(recipe, self.workspace))
 
     def _show_diff(self, problems: list[str]) -> None:
         box = self.query_one("#ed-diff", Static)
