@@ -426,7 +426,7 @@ async def test_keys_typed_while_the_app_is_busy_wait_for_it(ws, monkeypatch):
         await built(pilot)
         burst(app, [*"mine", "escape", "enter", *"/lr", "enter", *"5e-3", "escape", "ctrl+s"])
         lr = lambda: float(RecipeDocument.load(ws / "configs" / "mine.yaml").get("train.lr"))   # noqa: E731
-        await wait_for(pilot, lambda: lr() != 2e-3, 10, "the save")
+        await wait_for(pilot, lambda: lr() != 2e-3, 30, "the save")   # a loaded machine: time, not order
         assert lr() == 5e-3
         assert app.query_one("#ed-jump", Input).value == ""
 
