@@ -547,3 +547,19 @@ async def test_f3_then_an_image_path_and_enter_leads_on_to_the_question(ws):
         await pilot.pause()
         assert app.query_one("#chat-image", Input).value == "red.png"
         assert app.query_one("#chat-input", Input).value == "What colour?"
+
+
+async def test_a_dataset_checked_by_keys_at_80x24_keeps_each_histogram_bar_on_its_line(workspace):
+    """Data at 80x24: tab to the recipe picker, pick, tab to Check, enter; the histogram's bars fit the
+    view beside their range and count (40-column bars had wrapped onto lines of their own)."""
+    from textual.widgets import Static
+
+    app = app_for(workspace)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        await pilot.press("6", "tab", "enter", "down", "enter", "tab", "enter")
+        view = app.query_one("#ds-view", Static)
+        await wait_for(pilot, lambda: "token lengths" in str(view.render()), 120, "the dataset view")
+        lines = str(view.render()).split("token lengths\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert lines and all(ln.rstrip().split()[-1].isdigit() for ln in lines), lines
+        assert max(len(ln) for ln in lines) <= view.content_size.width, (view.content_size.width, lines)

@@ -24,8 +24,10 @@ from ..workspace import run_engine, workspace_configs
 BARS = " ▁▂▃▄▅▆▇█"
 
 
-def histogram_text(hist: list[list[int]], width: int = 40) -> Text:
+def histogram_text(hist: list[list[int]], room: int = 60) -> Text:
+    """One line a bucket: its range, a bar, its count, within ``room`` columns (bars 40 at most)."""
     peak = max((c for _, _, c in hist), default=1) or 1
+    width = max(4, min(40, room - 14 - 1 - len(str(peak))))
     out = Text()
     for lo, hi, c in hist:
         bar = "█" * max(1 if c else 0, round(width * c / peak))
@@ -144,7 +146,7 @@ class DataPane(Horizontal):
         out.append(f"tokens: min {s['min']}  mean {s['mean']}  median {s['median']}  p95 {s['p95']}  "
                    f"max {s['max']}\n\n")
         out.append("token lengths\n", style="bold")
-        out.append_text(histogram_text(d["histogram"]))
+        out.append_text(histogram_text(d["histogram"], view.content_size.width - 2))   # a scrollbar may come
         for i, segs in enumerate(d["samples"]):
             out.append(f"\nsample {i} (masked part dimmed)\n", style="bold")
             for text, masked in segs:
