@@ -563,3 +563,30 @@ async def test_a_dataset_checked_by_keys_at_80x24_keeps_each_histogram_bar_on_it
         lines = str(view.render()).split("token lengths\n", 1)[1].split("\n\n", 1)[0].splitlines()
         assert lines and all(ln.rstrip().split()[-1].isdigit() for ln in lines), lines
         assert max(len(ln) for ln in lines) <= view.content_size.width, (view.content_size.width, lines)
+
+
+async def test_r_on_a_finished_run_and_u_on_a_recipe_without_its_model_say_why_and_start_nothing(ws):
+    """r on a run that finished every step reloaded the model to do nothing (and announced it finished
+    again); u queued a recipe whose model is not there, to fail when its turn came."""
+    from engine.workflow.queue import read_queue
+
+    run = ws / "work_dirs" / "r1"
+    (run / "checkpoint-3").mkdir(parents=True)
+    (run / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"step": 3}))
+    (run / "config.yaml").write_text(DEMO_RECIPE.read_text())
+    (run / "status.json").write_text(json.dumps({"state": "finished", "pid": 1, "step": 3, "total_steps": 3}))
+    app = app_for(ws)
+    notes: list[str] = []
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        app.notify = lambda msg, **kw: notes.append(msg)
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "r1" in str(app.query_one("#rv-title").render()), 10, "the run")
+        await pilot.press("r")
+        await pilot.pause()
+        assert notes == ["r1 finished at step 3/3: nothing to resume"]
+        await pilot.press("u")
+        await pilot.pause()
+        assert notes[-1].startswith("model.path: ") and notes[-1].endswith("models/tiny-chat': no such model directory")
+        assert read_queue(ws)["entries"] == []
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"

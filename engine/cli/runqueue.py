@@ -43,34 +43,17 @@ def register(sub) -> None:
 def add(args) -> int:
     from engine.train.launch import config_path
     from engine.workflow.queue import add as queue_add
-    from engine.workflow.queue import ensure_scheduler
+    from engine.workflow.queue import check_entry, ensure_scheduler
     from engine.workflow.train import parse_devices
 
     config = str(config_path(args.config))            # checked now, not when its turn comes
-    check_queued(config, args.overrides, args.deepspeed)
+    check_entry(Path.cwd(), config, args.overrides, args.deepspeed)
     entry = queue_add(Path.cwd(), config, overrides=args.overrides, gpus=args.gpus,
                       devices=parse_devices(args.devices), deepspeed=args.deepspeed)
     pid = ensure_scheduler(Path.cwd())
     print(f"queued {entry['id']}: {Path(config).name} ({entry['gpus']} GPU{'s' if entry['gpus'] != 1 else ''}); "
           f"scheduler pid {pid}")
     return 0
-
-
-def check_queued(config: str, overrides: list[str], deepspeed: str | None) -> None:
-    """The recipe, its overrides and its local model and data, checked as `train` would check them, so a
-    mistake is said now and not hours later when its turn comes. A LLaVA finetune's pretrain checkpoint
-    may not exist yet: the pretrain can be queued ahead of it."""
-    from engine.core.errors import UserError
-    from engine.recipe.catalogue import deepspeed_config_path
-    from engine.recipe.paths import local_path_problems, resolve_paths
-    from engine.recipe.schema import load_recipe
-
-    if deepspeed:
-        deepspeed_config_path(deepspeed)
-    recipe = resolve_paths(load_recipe(config, overrides)[1], Path.cwd())
-    problems = [p for p in local_path_problems(recipe) if not p.startswith("llava.pretrained_pth:")]
-    if problems:
-        raise UserError(problems[0])
 
 
 def list_queue(args) -> int:

@@ -23,6 +23,7 @@ from engine.core.gpus import list_gpus
 from engine.train.runs import RunDirectory, find_runs, format_eta, format_loss
 from engine.workflow.estimate import fit_line
 from engine.workflow.queue import add as add_to_queue
+from engine.workflow.queue import check_entry as check_queue_entry
 from engine.workflow.queue import ensure_scheduler, read_queue, set_paused
 from engine.workflow.queue import remove as remove_queued
 
@@ -481,9 +482,21 @@ class RunsPane(Vertical):
     @on(Button.Pressed, "#rv-resume")
     def action_resume(self) -> None:
         run = self.query_one(RunView).run
-        if run is None or run.latest_checkpoint() is None:
+        if run is None:
+            self.app.notify("pick a run to resume (enter on the list)", severity="warning")
             return
-        devices = run.status().get("devices")            # the GPUs it ran on
+        st = run.status()
+        name, step, total = run.path.name, st.get("step") or 0, st.get("total_steps")
+        if st.get("state") in ("running", "starting"):
+            self.app.notify(f"{name} is running: nothing to resume", severity="warning")
+            return
+        if st.get("state") == "finished" and total and step >= total:
+            self.app.notify(f"{name} finished at step {step}/{total}: nothing to resume", severity="warning")
+            return
+        if run.latest_checkpoint() is None:
+            self.app.notify(f"{name} has no checkpoint to resume from: start it again (n)", severity="warning")
+            return
+        devices = st.get("devices")                      # the GPUs it ran on
         self._launch(["train", str(run.config_path), "--work-dir", str(run.path), "--resume", "--detach"]
                      + (["--devices", ",".join(map(str, devices))] if devices else []), f"resuming {run.path.name}")
 
@@ -514,6 +527,7 @@ class RunsPane(Vertical):
             self.app.notify("pick a workspace recipe to queue", severity="warning")
             return
         try:
+            check_queue_entry(self.workspace, str(cfg), deepspeed=self._start_deepspeed())
             entry = add_to_queue(self.workspace, str(cfg), devices=self._start_devices(),
                                  deepspeed=self._start_deepspeed())
         except UserError as e:
