@@ -135,6 +135,10 @@ async def test_the_runs_screen_shows_the_queue_and_edits_it(tmp_path, monkeypatc
 
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "mine.yaml").write_text(DEMO_RECIPE.read_text())
+    (tmp_path / "models" / "tiny-chat").mkdir(parents=True)          # what the recipe names is there
+    (tmp_path / "models" / "tiny-chat" / "config.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "personal_assistant.jsonl").write_text("")
     started = []
     monkeypatch.setattr(runs_screen, "ensure_scheduler", lambda ws: started.append(ws))
     failed = rq.add(tmp_path, "gone.yaml")
