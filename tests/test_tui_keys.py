@@ -590,3 +590,60 @@ async def test_r_on_a_finished_run_and_u_on_a_recipe_without_its_model_say_why_a
         assert notes[-1].startswith("model.path: ") and notes[-1].endswith("models/tiny-chat': no such model directory")
         assert read_queue(ws)["entries"] == []
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+async def test_a_name_that_is_taken_or_not_a_name_keeps_the_dialog_open_to_correct_it(ws):
+    """F5 with the name of a recipe already there, then with a folder in it: the dialog stays, says why
+    and keeps what was typed (it had closed with a toast, and the name was typed again from the start);
+    a good name copies."""
+    from textual.widgets import Input, Label
+
+    before = (ws / "configs" / "mine.yaml").read_text()
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        await pilot.press(*"demo_tiny_qlora", "escape", "f5")
+        await wait_for(pilot, lambda: app.screen.query("#new-name"), 10, "the name dialog")
+        await pilot.press(*"mine", "enter")
+        await pilot.pause()
+        error = lambda: str(app.screen.query_one("#dialog-error", Label).render())      # noqa: E731
+        assert error() == "mine.yaml already exists in configs/; choose another name"
+        assert app.screen.query_one("#new-name", Input).value == "mine"
+        await pilot.press(*"/x", "enter")
+        await pilot.pause()
+        assert "is not a recipe name" in error()
+        await pilot.press("backspace", "backspace", *"2", "enter")
+        await wait_for(pilot, lambda: (ws / "configs" / "mine2.yaml").is_file(), 10, "the copy")
+    assert (ws / "configs" / "mine.yaml").read_text() == before
+
+
+async def test_a_merge_folder_outside_the_workspace_keeps_the_dialog_open(ws):
+    """Merge with a mistyped folder that leaves the workspace, then one that holds files: the dialog stays
+    and says why (nothing is merged, the folder is untouched); escape closes it."""
+    from textual.widgets import Label
+
+    ck = ws / "work_dirs" / "r1" / "checkpoint-4"
+    ck.mkdir(parents=True)
+    (ck / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": str(ws / "base")}))
+    (ws / "merged" / "full").mkdir(parents=True)
+    (ws / "merged" / "full" / "mine.txt").write_text("mine")
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        pane = await app.pane("files")
+        merged = []
+        pane._merge = lambda *a: merged.append(a)
+        pane.selected = ck                                   # the checkpoint highlighted in the tree
+        await pilot.press("ctrl+p", *"merge checkpoint", "enter")
+        await wait_for(pilot, lambda: app.screen.query("#merge-dest"), 10, "the merge dialog")
+        await pilot.press(*"../elsewhere", "enter")
+        await pilot.pause()
+        error = lambda: str(app.screen.query_one("#dialog-error", Label).render())      # noqa: E731
+        assert error() == f"../elsewhere: outside the workspace; give a folder under {ws}"
+        await pilot.press("ctrl+u", *"merged/full", "enter")         # ctrl+u: what is left of the cursor goes
+        await pilot.pause()
+        assert error() == "merged/full: exists and is not an empty folder; choose another"
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not app.screen.query("#merge-dest") and merged == []
+    assert (ws / "merged" / "full" / "mine.txt").read_text() == "mine" and not (ws.parent / "elsewhere").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import on
@@ -13,18 +14,22 @@ from textual.widgets import Button, DataTable, DirectoryTree, Input, Label
 
 
 class NameDialog(ModalScreen[str | None]):
-    """Ask for a name; dismisses with it (None on cancel)."""
+    """Ask for a name; dismisses with it (None on cancel). ``check`` says what is wrong with a name (or
+    None): the dialog then stays open with the name and the reason, to be corrected."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, prompt: str, default: str, ok: str = "OK", input_id: str = "name"):
+    def __init__(self, prompt: str, default: str, ok: str = "OK", input_id: str = "name",
+                 check: Callable[[str], str | None] | None = None):
         super().__init__()
         self.prompt, self.default, self.ok_label, self.input_id = prompt, default, ok, input_id
+        self.check = check
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label(self.prompt)
             yield Input(value=self.default, id=self.input_id)
+            yield Label("", id="dialog-error")
             with Horizontal(classes="buttons"):
                 yield Button(self.ok_label, variant="primary", id="ok")
                 yield Button("Cancel", id="cancel")
@@ -32,11 +37,37 @@ class NameDialog(ModalScreen[str | None]):
     @on(Button.Pressed, "#ok")
     @on(Input.Submitted)
     def ok(self) -> None:
-        self.dismiss(self.query_one(Input).value.strip() or None)
+        name = self.query_one(Input).value.strip()
+        problem = self.check(name) if self.check is not None and name else None
+        if problem:
+            self.query_one("#dialog-error", Label).update(problem)
+            self.query_one(Input).focus()
+            return
+        self.dismiss(name or None)
+
+    @on(Input.Changed)
+    def edited(self) -> None:
+        self.query_one("#dialog-error", Label).update("")
 
     @on(Button.Pressed, "#cancel")
     def cancel(self) -> None:
         self.dismiss(None)
+
+
+def recipe_name_check(folder: Path) -> Callable[[str], str | None]:
+    """For a NameDialog: what is wrong with a new recipe's name in ``folder`` (None when nothing)."""
+    def check(name: str) -> str | None:
+        from engine.core.errors import UserError
+        from engine.recipe.catalogue import recipe_stem
+
+        try:
+            stem = recipe_stem(name, "name")
+        except UserError as e:
+            return str(e)
+        if (folder / f"{stem}.yaml").exists():
+            return f"{stem}.yaml already exists in {folder.name}/; choose another name"
+        return None
+    return check
 
 
 class PathPicker(ModalScreen[str | None]):

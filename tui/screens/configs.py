@@ -14,7 +14,7 @@ from engine.core.errors import UserError
 from engine.recipe import catalogue
 from engine.recipe.xtuner import import_xtuner, write_recipe
 
-from ..dialogs import NameDialog, PathPicker
+from ..dialogs import NameDialog, PathPicker, recipe_name_check
 from ..highlight import highlight_yaml
 from ..messages import ConfigsChanged, EditConfig
 from ..typing import type_into
@@ -137,7 +137,8 @@ class ConfigsPane(Vertical):
             self.post_message(ConfigsChanged(target))
 
         dialog = NameDialog(f"Copy [b]{src.stem}[/b] into the workspace as:",
-                            src.stem.replace("_alpaca_", "_self_") + "_copy", ok="Copy", input_id="new-name")
+                            src.stem.replace("_alpaca_", "_self_") + "_copy", ok="Copy", input_id="new-name",
+                            check=recipe_name_check(self.workspace / "configs"))
         self.app.push_screen(dialog, done)
 
     def _copy_own(self, src: Path, stem: str) -> Path:

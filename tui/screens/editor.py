@@ -19,7 +19,7 @@ from textual.widgets import Button, Collapsible, Input, Label, Select, Static, S
 from engine.core.errors import ConfigError, UserError
 from engine.recipe import catalogue
 
-from ..dialogs import ConfirmDialog, NameDialog, PathPicker
+from ..dialogs import ConfirmDialog, NameDialog, PathPicker, recipe_name_check
 from ..messages import ConfigsChanged
 from ..widgets.select import chosen
 
@@ -300,7 +300,8 @@ class EditorPane(Vertical):
             self.post_message(ConfigsChanged(target))
 
         self.app.push_screen(NameDialog("Save as (name, without .yaml):", f"{self.doc.path.stem}_2", ok="Save",
-                                        input_id="save-as-name"), done)
+                                        input_id="save-as-name", check=recipe_name_check(self.doc.path.parent)),
+                             done)
 
     @on(Button.Pressed, "#ed-external")
     def action_external(self) -> None:

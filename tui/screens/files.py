@@ -169,22 +169,21 @@ class FilesPane(Horizontal):
         ckpt = self.selected
         default = f"merged/{ckpt.parent.name}-{ckpt.name}"
 
-        def chosen_dir(name: str | None) -> None:
-            if not name:
-                return
+        def problem(name: str) -> str | None:
             out = (self.workspace / name).resolve()
             if self.workspace.resolve() not in out.parents:
-                self.app.notify(f"{name}: outside the workspace; give a folder under {self.workspace}",
-                                severity="error")
-                return
-            if out.exists() and any(out.iterdir()):
-                self.app.notify(f"{name}: exists and is not empty; choose another folder", severity="error")
-                return
-            self._merge(c["base"], ckpt, out)
+                return f"{name}: outside the workspace; give a folder under {self.workspace}"
+            if out.is_file() or (out.is_dir() and any(out.iterdir())):
+                return f"{name}: exists and is not an empty folder; choose another"
+            return None
+
+        def chosen_dir(name: str | None) -> None:
+            if name:
+                self._merge(c["base"], ckpt, (self.workspace / name).resolve())
 
         self.app.push_screen(NameDialog(f"Merge {ckpt.parent.name}/{ckpt.name} into {Path(c['base']).name}; "
                                         "write the model to (a folder in the workspace):", default, ok="Merge",
-                                        input_id="merge-dest"), chosen_dir)
+                                        input_id="merge-dest", check=problem), chosen_dir)
 
     @work(thread=True, exclusive=True, group="merge", exit_on_error=False)
     def _merge(self, base: str, ckpt: Path, out: Path) -> None:
