@@ -117,9 +117,10 @@ async def test_the_log_viewer_searches_follows_wraps_and_shows_stderr(tmp_path):
         await pilot.pause()
         assert area.selected_text == "line 123" and area.selection.start[0] == 122
         status = str(screen.query_one("#log-status", Static).render())
-        assert "follow off" in status and "/line 123: 1 line" in status
+        assert "follow off" in status and "/line 123: 1 of 1 line" in status
         await pilot.press(*"/line 12", "enter", "n")                # line 12, then line 120..129: next one
         assert area.selection.start[0] == 119 and area.selected_text == "line 12"
+        assert "/line 12: 2 of 11 lines" in str(screen.query_one("#log-status", Static).render())
         await pilot.press("N")
         assert area.selection.start[0] == 11
         with open(run / "train.log", "a") as f:                      # not following: the match stays in view

@@ -98,7 +98,12 @@ class LogScreen(Screen):
         if not self.path.is_file():
             text.append(f"  (no {SOURCES[self.source][0]}: e shows the other)", style="yellow")
         if self.query_text:
-            text.append(f"  /{self.query_text}: {self.matches} line{'s' if self.matches != 1 else ''}",
+            # which of the matching lines the selection is on, when it is on one
+            needle, row = self.query_text.lower(), area.selection.start[0]
+            at = (sum(needle in line.lower() for line in area.document.lines[:row + 1])
+                  if self.matches and needle in area.document.get_line(row).lower() else 0)
+            text.append(f"  /{self.query_text}: " + (f"{at} of " if at else "")
+                        + f"{self.matches} line{'s' if self.matches != 1 else ''}",
                         style="magenta" if self.matches else "red")
         self.query_one("#log-status", Static).update(text)
 
