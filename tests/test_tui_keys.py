@@ -647,3 +647,25 @@ async def test_a_merge_folder_outside_the_workspace_keeps_the_dialog_open(ws):
         await pilot.pause()
         assert not app.screen.query("#merge-dest") and merged == []
     assert (ws / "merged" / "full" / "mine.txt").read_text() == "mine" and not (ws.parent / "elsewhere").exists()
+
+
+async def test_letters_on_the_files_tree_jump_to_the_entry_and_q_is_one_of_them(ws):
+    """Files: "wo" typed on the tree moves to work_dirs, "qu" (after a pause) to quick.txt; q had quit."""
+    import time
+
+    from textual.widgets import DirectoryTree
+
+    (ws / "work_dirs").mkdir()
+    (ws / "quick.txt").write_text("hi")
+    app = app_for(ws)
+    async with app.run_test(size=SIZE) as pilot:
+        await built(pilot)
+        await pilot.press("5")
+        tree = app.query_one("#files-tree", DirectoryTree)
+        await wait_for(pilot, lambda: tree.last_line >= 3, 10, "the tree's entries")
+        name = lambda: tree.cursor_node.data.path.name             # noqa: E731
+        await pilot.press(*"wo")
+        assert name() == "work_dirs"
+        time.sleep(1.1)                                             # a pause: a new name begins
+        await pilot.press(*"qu")
+        assert name() == "quick.txt" and app.is_running

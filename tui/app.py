@@ -28,7 +28,7 @@ PANE_KEYS = {
              ("l", "the run's log full screen (search, follow, wrap, stderr)")],
     "gpus": [("↑ ↓", "move in the lists")],
     "chat": [("letters", "start typing a prompt"), ("enter", "send it to both sides")],
-    "files": [("enter", "open a folder / show a file")],
+    "files": [("letters", "jump to the entry starting with them"), ("enter", "open a folder / show a file")],
     "data": [("letters", "type the name of whose assistant it is"), ("enter", "write the identity dataset"),
              ("tab", "the next setting, then a recipe whose data to check")],
 }
@@ -177,7 +177,8 @@ class TunedeckApp(TypeaheadApp):
         Binding("q", "quit_app('q')", "Quit"),
         Binding("ctrl+q", "quit_app", "Quit", show=False, priority=True),
     ]
-    TYPING_TABS = ("configs", "chat", "data")          # letters typed outside a field go to the field
+    # letters typed outside a field are typing there (a filter, a prompt, a name, a name to jump to): q too
+    TYPING_TABS = ("configs", "chat", "data", "files")
 
     def __init__(self, workspace: str | Path = ".", *, service_url: str | None = None,
                  api_key: str | None = None, **kw):

@@ -5,11 +5,12 @@ chat with it, merge it, resume from it."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rich.syntax import Syntax
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DirectoryTree, Log, Static
@@ -19,6 +20,7 @@ from engine.train.runs import RunDirectory, checkpoint_step, is_complete_checkpo
 
 from ..dialogs import ConfirmDialog, NameDialog
 from ..messages import ChatWith
+from ..typing import SCREEN_KEYS, in_field
 from ..workspace import engine_command, engine_env, run_engine
 
 PREVIEW_BYTES = 64 * 1024
@@ -81,6 +83,30 @@ class FilesPane(Horizontal):
     def on_mount(self) -> None:
         self.query_one("#ckpt-actions").display = False
         self.query_one("#files-log").display = False
+
+    JUMP_PAUSE_S = 1.0            # letters typed within this of each other make one name to jump to
+    _typed, _typed_at = "", 0.0
+
+    def on_key(self, event: events.Key) -> None:
+        """Letters typed on the tree jump to the first entry in view whose name starts with them, as in a
+        file manager ("wo" reaches work_dirs)."""
+        ch = event.character
+        if not ch or len(ch) != 1 or not ch.isprintable() or ch in SCREEN_KEYS or in_field(self.app.focused):
+            return
+        now = time.monotonic()
+        self._typed = (self._typed if now - self._typed_at < self.JUMP_PAUSE_S else "") + ch.lower()
+        self._typed_at = now
+        event.stop()
+        event.prevent_default()
+        tree = self.query_one("#files-tree", DirectoryTree)
+        for line in range(tree.last_line + 1):
+            node = tree.get_node_at_line(line)
+            if node is not None and node.data is not None and \
+                    Path(node.data.path).name.lower().startswith(self._typed):
+                self.screen.set_focus(tree)
+                tree.move_cursor(node)
+                return
+        self.app.bell()                                  # nothing in view starts so
 
     @on(DirectoryTree.DirectorySelected)
     @on(DirectoryTree.FileSelected)
