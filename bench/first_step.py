@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,18 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
+from machine import cpu_model  # noqa: E402
+
 WORK = Path("/tmp/tunedeck_first_step")
 GOALS = {"cold_s": 30.0, "warm_s": 10.0}          # on a GPU
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def case(gpu: bool, steps: int) -> tuple[Path, list[str]]:

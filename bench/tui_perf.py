@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from machine import cpu_model  # noqa: E402
 
 # Both apps run with this hook: it stamps the wall clock when the first frame reaches the (headless)
 # terminal and when the app is ready (tunedeck: the Configs tree filled in), then exits.
@@ -153,16 +155,6 @@ async def responsiveness(ws: Path, run: Path, seconds: float = 5.0) -> dict:
             "key_to_handled_ms_median": ms(dispatched, statistics.median), "key_to_handled_ms_max": ms(dispatched, max),
             "key_to_frame_ms_median": ms(shown, statistics.median), "key_to_frame_ms_max": ms(shown, max),
             "key_to_frame_ms_p90": ms(shown, lambda xs: statistics.quantiles(xs, n=10)[-1])}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def med(samples: list[tuple[float, float]], i: int) -> float:
