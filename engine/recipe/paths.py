@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.core.errors import UserError
 from engine.core.files import model_dir_problem
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ def resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     })
 
 
-def local_path_problems(recipe: Recipe) -> list[str]:
-    """The resolved recipe's local model, data and image paths that are not there, one line each."""
+def local_path_problems(recipe: Recipe, pretrain_may_come_later: bool = False) -> list[str]:
+    """The resolved recipe's local model, data and image paths that are not there, one line each. A LLaVA
+    finetune's pretrain checkpoint is left out when it may come later (its pretrain queued ahead of it)."""
     out = [model_dir_problem("model.path", recipe.model.path)]
     data = recipe.data.data_path
     if data and Path(data).is_absolute() and not Path(data).is_file():
@@ -51,6 +53,13 @@ def local_path_problems(recipe: Recipe) -> list[str]:
             out.append(model_dir_problem("llava.visual_encoder", lv.visual_encoder))
         if lv.image_folder and not Path(lv.image_folder).is_dir():
             out.append(f"llava.image_folder: {lv.image_folder!r}: no such directory")
-        if lv.pretrained_pth and not Path(lv.pretrained_pth).exists():
+        if lv.pretrained_pth and not pretrain_may_come_later and not Path(lv.pretrained_pth).exists():
             out.append(f"llava.pretrained_pth: {lv.pretrained_pth!r}: no such checkpoint")
     return [p for p in out if p]
+
+
+def check_local_paths(recipe: Recipe, pretrain_may_come_later: bool = False) -> None:
+    """The first of local_path_problems as the command's one-line error (exit 2), before anything starts."""
+    problems = local_path_problems(recipe, pretrain_may_come_later)
+    if problems:
+        raise UserError(problems[0])

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import UserError
-from engine.recipe.paths import local_path_problems, resolve_paths
+from engine.recipe.paths import check_local_paths, resolve_paths
 from engine.train.multinode import Nodes, deepspeed_command, torchrun_command
 from engine.train.runlock import FD_ENV as LOCK_FD_ENV
 from engine.train.runlock import LOCK_FILE, RunLock, claim
@@ -45,14 +45,6 @@ def config_path(ref: str) -> Path:
     from engine.recipe.catalogue import find
 
     return find(ref).path
-
-
-def check_inputs(recipe) -> None:
-    """The recipe's local model, data and image paths are there (before a run directory is made and
-    before a worker detaches: the error is the command's own, exit 2)."""
-    problems = local_path_problems(recipe)
-    if problems:
-        raise UserError(problems[0])
 
 
 def _holds_files(folder: Path) -> bool:
@@ -97,7 +89,7 @@ def prepare_run(config: str, overrides: list[str], *, work_dir: str | None, resu
         overrides.append(f"deepspeed={deepspeed.removeprefix('deepspeed_')}")
     doc, recipe = load_recipe(cfg_path, overrides)
     recipe = resolve_paths(recipe, base_dir)
-    check_inputs(recipe)                   # before a run directory exists, and before detaching
+    check_local_paths(recipe)              # before a run directory exists, and before detaching
     stem = cfg_path.stem
     root = base_dir / "work_dirs"
     ckpt: Path | None = None

@@ -78,15 +78,13 @@ def check_entry(workspace: Path, config: str, overrides: list[str] | None = None
     mistake is said when it is queued, not hours later when its turn comes. A LLaVA finetune's pretrain
     checkpoint may not exist yet: the pretrain can be queued ahead of it."""
     from engine.recipe.catalogue import deepspeed_config_path
-    from engine.recipe.paths import local_path_problems, resolve_paths
+    from engine.recipe.paths import check_local_paths, resolve_paths
     from engine.recipe.schema import load_recipe
 
     if deepspeed:
         deepspeed_config_path(deepspeed)
-    recipe = resolve_paths(load_recipe(config, overrides or [])[1], Path(workspace))
-    problems = [p for p in local_path_problems(recipe) if not p.startswith("llava.pretrained_pth:")]
-    if problems:
-        raise UserError(problems[0])
+    check_local_paths(resolve_paths(load_recipe(config, overrides or [])[1], Path(workspace)),
+                      pretrain_may_come_later=True)
 
 
 def add(workspace: Path, config: str, *, overrides: list[str] | None = None, gpus: int = 1,
