@@ -25,6 +25,16 @@ def ws(tmp_path) -> Path:
     return tmp_path
 
 
+def finished_run(ws: Path, name: str, steps: tuple[int, ...], **status) -> Path:
+    """work_dirs/NAME, finished, with a (stand-in) checkpoint at each step."""
+    run = ws / "work_dirs" / name
+    for step in steps:
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (run / "status.json").write_text(json.dumps({"state": "finished", **status}))
+    return run
+
+
 def app_for(ws: Path):
     from tui.app import TunedeckApp
 
@@ -382,10 +392,7 @@ async def test_quitting_with_unsaved_edits_asks_and_saves_or_discards_them(ws, a
 async def test_asking_again_retries_a_checkpoint_that_failed_to_start(ws):
     """A checkpoint whose start failed (here it names no base model) is tried again when a question is
     asked; the question never waits on a failure: it goes back into the prompt."""
-    ck = ws / "work_dirs" / "broken" / "checkpoint-1"
-    ck.mkdir(parents=True)
-    (ck / "trainer_state.json").write_text(json.dumps({"step": 1}))
-    (ws / "work_dirs" / "broken" / "status.json").write_text(json.dumps({"state": "finished"}))
+    ck = finished_run(ws, "broken", (1,)) / "checkpoint-1"
     app = app_for(ws)
     async with app.run_test(size=SIZE) as pilot:
         await built(pilot)
@@ -462,11 +469,7 @@ async def test_a_name_typed_on_data_goes_into_the_wizard_and_enter_writes_it(ws)
 async def test_f2_on_chat_opens_the_checkpoint_list_and_enter_picks_one(ws):
     from textual.widgets import Select
 
-    for step in (4, 8):
-        ck = ws / "work_dirs" / "r1" / f"checkpoint-{step}"
-        ck.mkdir(parents=True)
-        (ck / "trainer_state.json").write_text(json.dumps({"step": step}))
-    (ws / "work_dirs" / "r1" / "status.json").write_text(json.dumps({"state": "finished"}))
+    finished_run(ws, "r1", (4, 8))
     app = app_for(ws)
     async with app.run_test(size=SIZE) as pilot:
         await built(pilot)
@@ -570,11 +573,8 @@ async def test_r_on_a_finished_run_and_u_on_a_recipe_without_its_model_say_why_a
     again); u queued a recipe whose model is not there, to fail when its turn came."""
     from engine.workflow.queue import read_queue
 
-    run = ws / "work_dirs" / "r1"
-    (run / "checkpoint-3").mkdir(parents=True)
-    (run / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"step": 3}))
+    run = finished_run(ws, "r1", (3,), pid=1, step=3, total_steps=3)
     (run / "config.yaml").write_text(DEMO_RECIPE.read_text())
-    (run / "status.json").write_text(json.dumps({"state": "finished", "pid": 1, "step": 3, "total_steps": 3}))
     app = app_for(ws)
     notes: list[str] = []
     async with app.run_test(size=SIZE) as pilot:
