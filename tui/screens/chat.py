@@ -178,7 +178,7 @@ class ChatPane(Vertical):
         self.set_llava(False)
         self.refresh_checkpoints()
 
-    def refresh_checkpoints(self) -> None:
+    def refresh_checkpoints(self) -> list[tuple[str, str]]:
         sel = self.query_one("#chat-ckpt", Select)
         keep = sel.value
         choices = checkpoint_choices(self.workspace)
@@ -186,12 +186,12 @@ class ChatPane(Vertical):
             sel.set_options(choices)
             if chosen(keep) and any(v == keep for _, v in choices):
                 sel.value = keep
+        return choices
 
     def action_checkpoint(self) -> None:
         """F2: the checkpoint list open, to move in with the arrows and pick with enter."""
-        self.refresh_checkpoints()
         sel = self.query_one("#chat-ckpt", Select)
-        if not checkpoint_choices(self.workspace):
+        if not self.refresh_checkpoints():
             self.app.notify("no checkpoint to chat with yet: train a run first (3 Runs)", severity="warning")
             return
         self.screen.set_focus(sel)

@@ -20,7 +20,7 @@ from engine.train.runs import RunDirectory, checkpoint_step, is_complete_checkpo
 
 from ..dialogs import ConfirmDialog, NameDialog
 from ..messages import ChatWith
-from ..typing import SCREEN_KEYS, in_field
+from ..typing import SCREEN_KEYS, in_field, printable
 from ..workspace import engine_command, engine_env, run_engine
 
 PREVIEW_BYTES = 64 * 1024
@@ -90,8 +90,8 @@ class FilesPane(Horizontal):
     def on_key(self, event: events.Key) -> None:
         """Letters typed on the tree jump to the first entry in view whose name starts with them, as in a
         file manager ("wo" reaches work_dirs)."""
-        ch = event.character
-        if not ch or len(ch) != 1 or not ch.isprintable() or ch in SCREEN_KEYS or in_field(self.app.focused):
+        ch = printable(event)
+        if ch is None or ch in SCREEN_KEYS or in_field(self.app.focused):
             return
         now = time.monotonic()
         self._typed = (self._typed if now - self._typed_at < self.JUMP_PAUSE_S else "") + ch.lower()
